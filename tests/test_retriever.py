@@ -1,0 +1,101 @@
+"""The JAX retriever against a brute-force numpy reference."""
+
+import jax
+import numpy as np
+import pytest
+
+from elm_jax.retrieval import retriever as retriever_lib
+
+
+def _integer_data(rows, dim, queries, seed):
+  """Small-integer vectors: products are exact in float32 and ties are frequent."""
+  rng = np.random.default_rng(seed)
+  keys = rng.integers(-2, 3, size=(rows, dim)).astype(np.float32)
+  return rng.integers(-2, 3, size=(queries, dim)).astype(np.float32), keys
+
+
+def _normal_data(rows, dim, queries, seed):
+  rng = np.random.default_rng(seed)
+  keys = rng.normal(size=(rows, dim)).astype(np.float32)
+  keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+  return rng.normal(size=(queries, dim)).astype(np.float32), keys
+
+
+def test_numpy_reference_breaks_ties_by_row():
+  keys = np.array([[1.0], [2.0], [2.0], [1.0], [2.0]], np.float32)
+  scores, indices = retriever_lib.numpy_top_k(np.ones((1, 1), np.float32), keys, 4)
+  assert indices.tolist() == [[1, 2, 4, 0]]
+  assert scores.tolist() == [[2.0, 2.0, 2.0, 1.0]]
+
+
+@pytest.mark.parametrize("rows,chunk_size,k", [
+    (1, 64, 1),       # one row
+    (37, 8, 5),       # chunks of 8 rows, last one partial
+    (1003, 64, 10),   # many chunks
+    (1003, 100, 7),   # chunk size not a multiple of 8
+    (1003, 4096, 10),  # one chunk larger than the library
+])
+def test_exact_matches_numpy_with_ties(rows, chunk_size, k):
+  queries, keys = _integer_data(rows, 11, 9, seed=rows)
+  expected_scores, expected_indices = retriever_lib.numpy_top_k(queries, keys, k)
+  scores, indices = retriever_lib.exact_top_k(queries, keys, k, chunk_size=chunk_size)
+  np.testing.assert_array_equal(indices, expected_indices)
+  np.testing.assert_array_equal(scores, expected_scores)
+
+
+def test_exact_matches_numpy_on_random_vectors():
+  queries, keys = _normal_data(5000, 48, 32, seed=3)
+  expected_scores, expected_indices = retriever_lib.numpy_top_k(queries, keys, 10)
+  scores, indices = retriever_lib.exact_top_k(queries, keys, 10, chunk_size=512)
+  np.testing.assert_array_equal(indices, expected_indices)
+  np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,chunk_size", [(1003, 32), (61, 4096), (4099, 256)])
+def test_sharded_matches_numpy(rows, chunk_size):
+  assert len(jax.devices()) == 8
+  mesh = retriever_lib.rows_mesh()
+  queries, keys = _integer_data(rows, 13, 6, seed=rows + 1)
+  expected_scores, expected_indices = retriever_lib.numpy_top_k(queries, keys, 8)
+  retriever = retriever_lib.Retriever(keys, chunk_size=chunk_size, mesh=mesh, max_k=8)
+  assert retriever.layout.shards == 8
+  assert retriever.keys.sharding.spec[0] == "rows"
+  scores, indices = retriever.search(queries, 8)
+  np.testing.assert_array_equal(indices, expected_indices)
+  np.testing.assert_array_equal(scores, expected_scores)
+
+
+def test_float16_keys_match_numpy_on_the_same_values():
+  queries, keys = _integer_data(300, 9, 4, seed=5)
+  keys16 = keys.astype(np.float16)
+  expected_scores, expected_indices = retriever_lib.numpy_top_k(queries, keys16, 6)
+  scores, indices = retriever_lib.exact_top_k(queries, keys16, 6, chunk_size=64)
+  np.testing.assert_array_equal(indices, expected_indices)
+  np.testing.assert_array_equal(scores, expected_scores)
+
+
+def test_approximate_recall_is_reported():
+  queries, keys = _normal_data(3000, 32, 16, seed=7)
+  retriever = retriever_lib.Retriever(keys, chunk_size=1024)
+  value = retriever_lib.approximate_recall(queries, retriever, 10, recall_target=0.9)
+  assert 0.9 <= value <= 1.0
+
+
+def test_recall_counts_overlap():
+  assert retriever_lib.recall(np.array([[1, 2], [3, 4]]), np.array([[2, 9], [4, 3]])) == 0.75
+
+
+def test_invalid_k_is_rejected():
+  queries, keys = _integer_data(10, 4, 2, seed=0)
+  retriever = retriever_lib.Retriever(keys)
+  with pytest.raises(ValueError, match="k must be in"):
+    retriever.search(queries, 11)
+
+
+def test_expert_max_similarity_matches_numpy():
+  queries, keys = _normal_data(700, 16, 5, seed=11)
+  row_expert = np.random.default_rng(0).integers(0, 6, size=700).astype(np.int32)
+  actual = retriever_lib.expert_max_similarity(queries, keys, row_expert, 6, chunk_size=128)
+  scores = queries @ keys.T
+  expected = np.stack([scores[:, row_expert == e].max(axis=1) for e in range(6)], axis=1)
+  np.testing.assert_allclose(actual, expected, atol=1e-5)
