@@ -25,6 +25,7 @@ import time
 from typing import Any, Sequence
 
 from absl import logging
+import gin
 import numpy as np
 
 from elm_jax import gin_utils
@@ -208,7 +209,12 @@ def _run(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Entry point of `elm-jax eval` and `python -m elm_jax.evaluate`."""
+  """Entry point of `elm-jax eval` and `python -m elm_jax.evaluate`.
+
+  The gin config comes from `argv` alone: an earlier config in this process (for
+  example an earlier call, or another entry point's) is cleared first.
+  """
+  gin.clear_config()
   return gin_utils.run(_run, argv, __doc__.split("\n\n")[0], prog="elm-jax eval")
 
 

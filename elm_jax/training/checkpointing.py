@@ -256,9 +256,13 @@ def is_orbax_model_dir(path: str) -> bool:
   return found is not None and os.path.isfile(os.path.join(found[0], MODEL_CONFIG_FILE))
 
 
-def load_orbax_model(path: str, config: t5.T5Config | None
-                     ) -> tuple[t5.T5Config, dict[str, Any]]:
-  """Load the base parameters (adapters and LoRA removed) of a trained model dir."""
+def load_trained_params(path: str) -> tuple[t5.T5Config, dict[str, Any]]:
+  """The saved config and all trained parameters (adapters and LoRA included).
+
+  Raises:
+    loading.CheckpointError: `path` holds no checkpoint, or only the trainable
+      parameters of an adapter or LoRA run saved with `save_frozen=False`.
+  """
   found = _resolve_step_dir(path)
   if found is None:
     raise loading.CheckpointError(f"{path} holds no checkpoints/<step>/trainable folder.")
@@ -274,13 +278,25 @@ def load_orbax_model(path: str, config: t5.T5Config | None
     raise loading.CheckpointError(
         f"{step_dir} holds only the adapter or LoRA parameters (saved with "
         "save_frozen=False); load its base checkpoint and apply the expert instead.")
-  flat = loading.flatten_params(jax.tree.map(np.asarray, params))
-  base = {name: value for name, value in flat.items() if not loading._is_adapter_param(name)}  # pylint: disable=protected-access
+  return saved_config, jax.tree.map(np.asarray, params)
+
+
+def _is_adapter_or_lora(name: str) -> bool:
+  parts = tuple(name.split("/"))
+  return any(p.endswith("_adapter") for p in parts) or parts[-1] in ("lora_a", "lora_b")
+
+
+def load_orbax_model(path: str, config: t5.T5Config | None
+                     ) -> tuple[t5.T5Config, dict[str, Any]]:
+  """Load the base parameters (adapters and LoRA removed) of a trained model dir."""
+  saved_config, params = load_trained_params(path)
+  flat = loading.flatten_params(params)
+  base = {name: value for name, value in flat.items() if not _is_adapter_or_lora(name)}
   params = loading.unflatten_params(base)
   base_saved = loading.base_config(saved_config)
   if config is None:
     return base_saved, params
-  loading.check_same_architecture(config, base_saved, step_dir)
+  loading.check_same_architecture(config, base_saved, path)
   return config, params
 
 
