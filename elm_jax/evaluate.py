@@ -26,72 +26,17 @@ from typing import Any, Sequence
 
 from absl import logging
 import gin
-import numpy as np
 
 from elm_jax import gin_utils
-from elm_jax.checkpoints import experts as experts_lib
 from elm_jax.checkpoints import loading
 from elm_jax.evaluation import aggregation
 from elm_jax.evaluation import generative
+from elm_jax.evaluation import model_loading
 from elm_jax.evaluation import reports
 from elm_jax.evaluation import scorer as scorer_lib
 from elm_jax.models import t5
 
 MODES = ("rank_classification", "generative")
-
-
-def load_model_and_params(checkpoint_path: str, expert_path: str | None = None
-                          ) -> tuple[t5.T5Config, Any, dict[str, Any]]:
-  """Loads a base checkpoint and optionally applies an expert folder onto it.
-
-  Returns:
-    (config, params, description) where description names what was loaded, for
-    the report's metadata.
-
-  Raises:
-    CheckpointError, ExpertError: unreadable files, or an expert of another base
-      (its fingerprint differs) or of another architecture.
-  """
-  from elm_jax.training import checkpointing  # pylint: disable=g-import-not-at-top,unused-import
-  # The import registers the loader of elm-jax model directories.
-  config, params = loading.load_model(checkpoint_path)
-  description = {"checkpoint": str(checkpoint_path), "checkpoint_format":
-                 loading.detect_format(str(checkpoint_path))}
-  if expert_path is None:
-    return config, params, description
-
-  metadata, expert_params = experts_lib.load_expert(expert_path, base_params=params)
-  expert_config = t5.T5Config.from_dict(metadata.model_config) if metadata.model_config \
-      else config
-  loading.check_same_architecture(expert_config, config, str(expert_path))
-  expert_config = dataclasses.replace(expert_config, dropout_rate=0.0)
-  params = _add_missing_adapter_params(expert_config, params, expert_params,
-                                       source=str(expert_path))
-  params = experts_lib.apply_expert(params, expert_params)
-  description |= {"expert": str(expert_path), "expert_id": metadata.id,
-                  "expert_kind": metadata.kind, "expert_task": metadata.task}
-  return expert_config, params, description
-
-
-def _add_missing_adapter_params(config: t5.T5Config, base_params: Any, expert_params: Any,
-                                *, source: str) -> Any:
-  """Gives the base tree the adapter or LoRA slots of `config`, filled from the expert.
-
-  A base checkpoint has no adapter or LoRA parameters; every one that `config`
-  builds must come from the expert, else the model would run with made-up values.
-  """
-  expected = loading.expected_shapes(config)
-  base_flat = loading.flatten_params(base_params)
-  expert_flat = loading.flatten_params(expert_params)
-  missing = sorted(n for n in expected if n not in base_flat and n not in expert_flat)
-  if missing:
-    raise experts_lib.ExpertError(
-        f"Expert {source} lacks parameters that its model_config builds: "
-        f"{missing[:5]}{' ...' if len(missing) > 5 else ''}. Export the expert again.")
-  for name in expected:
-    if name not in base_flat:
-      base_flat[name] = np.zeros(expected[name], np.float32)  # Overwritten by the expert.
-  return loading.unflatten_params(base_flat)
 
 
 def _default_output_dir(checkpoint_path: str, expert_path: str | None, name: str) -> Path:
@@ -140,7 +85,8 @@ def evaluate(*, mixture_or_task_name: str, checkpoint_path: str,
                mixture_or_task_name, mode, split)
 
   # Model.
-  config, params, description = load_model_and_params(checkpoint_path, expert_path)
+  config, params, description = model_loading.load_model_and_params(
+      checkpoint_path, expert_path)
   config = dataclasses.replace(config, dropout_rate=0.0)
   model = t5.T5(config)
   scorer = scorer_lib.ChoiceScorer(model, scoring=scoring)

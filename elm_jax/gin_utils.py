@@ -69,9 +69,10 @@ def add_gin_arguments(parser: argparse.ArgumentParser) -> None:
       "--gin_file", action="append", default=[], metavar="FILE",
       help="a gin file, absolute or relative to a search path; repeatable")
   group.add_argument(
-      "--gin_search_path", action="append", default=[], metavar="DIR",
-      help=f"a folder to search for gin files and includes; repeatable (also "
-      f"${SEARCH_PATH_ENV}, then {REPO_GIN_DIR})")
+      "--gin_search_path", "--gin_search_paths", dest="gin_search_path", action="append",
+      default=[], metavar="DIR",
+      help=f"a folder to search for gin files and includes; repeatable or comma-separated "
+      f"(also ${SEARCH_PATH_ENV}, then {REPO_GIN_DIR})")
   group.add_argument(
       "--gin_bindings", action="append", default=[], metavar="BINDING",
       help="a gin binding `KEY = VALUE`, applied after all files; repeatable")
@@ -410,6 +411,7 @@ def parse_flags(argv: Sequence[str],
     add_arguments(parser)
   bindings, remaining = split_gin_bindings(argv)
   args = parser.parse_args(remaining)
+  args.gin_search_path = [p for entry in args.gin_search_path for p in entry.split(",") if p]
   parse_gin(args.gin_file, [*args.gin_bindings, *bindings], search_paths=args.gin_search_path)
   return args
 

@@ -1,7 +1,7 @@
 """Logical axis names, the rules that map them onto the mesh, and mesh creation.
 
 Models name the axes of every parameter and main activation (`embed`, `heads`,
-...); this module is the only place that maps those names onto the two mesh
+...). This module is the only place that maps those names onto the two mesh
 axes `data` and `model`. The default rules follow T5X: the batch is split over
 `data`, vocabulary, feed-forward and attention heads over `model`, everything
 else is replicated.
@@ -42,7 +42,7 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
 
 def make_mesh(data: int, model: int, devices: Sequence[jax.Device] | None = None
               ) -> jax.sharding.Mesh:
-  """A `("data", "model")` mesh over `devices` (default: all devices)."""
+  """Builds a `("data", "model")` mesh over `devices` (default: all devices)."""
   devices = list(jax.devices() if devices is None else devices)
   if data < 1 or model < 1 or data * model != len(devices):
     raise ValueError(
@@ -55,7 +55,7 @@ def make_mesh(data: int, model: int, devices: Sequence[jax.Device] | None = None
 def activate(mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
   """Makes `mesh` and `rules` current, so the models' activation constraints apply.
 
-  Trace (jit) the model inside this context; outside it the constraints are no-ops.
+  Trace (jit) the model inside this context. Outside it the constraints are no-ops.
   """
   _check_rules(rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -94,7 +94,7 @@ def _fit_to_shape(spec: jax.sharding.PartitionSpec, shape: tuple[int, ...],
 
 def params_shardings(abstract_variables: Any, mesh: jax.sharding.Mesh,
                      rules: Rules = DEFAULT_RULES) -> Any:
-  """NamedSharding tree for boxed variables, e.g. `jax.eval_shape(model.init, ...)`.
+  """Returns the NamedSharding tree of boxed variables, e.g. from `jax.eval_shape`.
 
   The result has the structure of the unboxed tree. A dimension whose size the
   mesh axes do not divide (small test models) is replicated instead of failing.
@@ -107,7 +107,8 @@ def params_shardings(abstract_variables: Any, mesh: jax.sharding.Mesh,
       mesh_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
   shape_leaves, treedef = jax.tree_util.tree_flatten(shapes)
   if len(shape_leaves) != len(paths_and_specs):
-    raise ValueError("The variables and their partition specs differ in structure.")
+    raise ValueError("Invalid variables: their partition specs differ in structure; pass "
+                     "the boxed tree from init or jax.eval_shape, not an unboxed one.")
   shardings = []
   for (path, spec), leaf in zip(paths_and_specs, shape_leaves):
     where = jax.tree_util.keystr(path)
@@ -117,11 +118,11 @@ def params_shardings(abstract_variables: Any, mesh: jax.sharding.Mesh,
 
 
 def logical_axes_of(abstract_variables: Any) -> Any:
-  """Tree of logical `PartitionSpec`s; unannotated leaves get an empty spec."""
+  """Returns the tree of logical `PartitionSpec`s (empty for unannotated leaves)."""
   return nn.get_partition_spec(abstract_variables)
 
 
 def data_sharding(mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES
                   ) -> jax.sharding.NamedSharding:
-  """Sharding of a batch array: leading axis `batch`, the rest replicated."""
+  """Returns the sharding of a batch array: leading axis `batch`, the rest replicated."""
   return logical_to_sharding(jax.sharding.PartitionSpec("batch"), mesh, rules)

@@ -19,6 +19,10 @@ Importing this module registers, from the fetched `bigbench` artifact:
 - `bigbench_held_in_span_corruption`: T5 span corruption over the held-in
   training text (`elm_jax.data.span_corruption`).
 
+A Mixture keeps only `inputs` and `targets` unless told otherwise: read a
+scoring Mixture with `copy_pretokenized=True` and
+`passthrough_features=SCORING_PASSTHROUGH`, or read its Tasks one by one.
+
 Every Task has the splits `train`, `validation` (a fixed 80/20 hash split) and
 `all`; prompts, choice order and splits are described in
 `elm_jax.data.bigbench`. The 13 evaluation tasks are unseen, so score them on
@@ -45,6 +49,7 @@ DEFAULT_MAX_EXAMPLES_PER_TASK = 2000
 EVAL_MIXTURE = "bigbench_eval_score_eval"
 HELD_IN_MIXTURE = "bigbench_held_in"
 SPAN_CORRUPTION_TASK = "bigbench_held_in_span_corruption"
+SCORING_PASSTHROUGH = ("answer_choices", "is_correct", "idx")
 
 _TRAIN_SIGNATURE = {
     "inputs": tf.TensorSpec([], tf.string),

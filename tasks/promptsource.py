@@ -300,10 +300,12 @@ _RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, IndexError, KeyEr
 
 def _render_choices(template: Template, prepared: dict[str, Any],
                     rng: random.Random) -> list[str] | None:
+  # The choices keep the `|||` placeholder until the main template has rendered;
+  # promptsource restores it first, so a choice containing `|||` splits its target.
   if template.answer_choices is None:
     return None
   text = _compile(template.answer_choices).render(**prepared, **{_RNG_VARIABLE: rng})
-  return [_restore(choice.strip()) for choice in text.split(SEPARATOR)]
+  return [choice.strip() for choice in text.split(SEPARATOR)]
 
 
 def render(template: Template, example: Mapping[str, Any], *,
@@ -335,7 +337,7 @@ def render(template: Template, example: Mapping[str, Any], *,
     raise TemplateRenderError("empty_input", f"template {template.name!r} rendered no input.")
   if not targets:
     raise TemplateRenderError("empty_target", f"template {template.name!r} rendered no target.")
-  return Rendered(inputs, targets, choices)
+  return Rendered(inputs, targets, None if choices is None else [_restore(c) for c in choices])
 
 
 def apply_template(template: Template, example: Mapping[str, Any], *,
@@ -518,9 +520,10 @@ def _replace_task(name: str, **kwargs) -> seqio.Task:
 
 def register_prompted_task(
     name: str, *,
-    dataset: str,
+    dataset: str | None = None,
     subset: str | None = None,
-    template_name: str,
+    template_name: str | None = None,
+    template: Template | None = None,
     source_jsonl: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]] | None = None,
     tfds_name: str | None = None,
     tfds_splits: Mapping[str, str] | None = None,
@@ -543,6 +546,8 @@ def register_prompted_task(
     dataset: the promptsource dataset folder, e.g. `super_glue`.
     subset: the promptsource subset folder, e.g. `rte`, or None.
     template_name: the template's name in that templates.yaml.
+    template: a Template to use instead of `dataset`, `subset` and
+      `template_name`.
     source_jsonl: a JSON lines file (registered as split `train`), or a mapping
       from split name to file. Each line is one raw example shaped like the
       dataset's Hugging Face examples.
@@ -563,10 +568,13 @@ def register_prompted_task(
     raise ValueError(f"Invalid Task name {name!r}: use letters, digits, `_`, `.` and `:`.")
   if (source_jsonl is None) == (tfds_name is None):
     raise ValueError(f"Task {name!r}: pass exactly one of source_jsonl and tfds_name.")
-  template = get_template(dataset, subset, template_name, templates_dir=templates_dir)
+  if template is None:
+    if dataset is None or template_name is None:
+      raise ValueError(f"Task {name!r}: pass `template`, or `dataset` and `template_name`.")
+    template = get_template(dataset, subset, template_name, templates_dir=templates_dir)
   if score_eval and template.answer_choices is None:
     raise ValueError(
-        f"Template {template_name!r} of {dataset}/{subset} has no answer_choices, so "
+        f"Template {template.name!r} has no answer_choices, so "
         f"{name + SCORE_EVAL_SUFFIX!r} cannot be scored. Pass score_eval=False.")
 
   if source_jsonl is not None:

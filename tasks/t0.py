@@ -14,7 +14,11 @@ P3's `inputs` and `targets` are token ids of T5's vocabulary. The Tasks here rea
 the configured vocabulary, so the offline vocabulary (which is not T5's) and T5's
 own both work.
 
-Registered by `register()`; importing this module reads no files:
+Importing this module registers the collection with `register()`'s defaults and
+reads no files: the P3 folder is taken from $ELM_JAX_P3_DIR when a dataset is
+first built, and the default vocabulary is checked when first used. Call
+`register(p3_dir=..., vocabulary=...)` to register it again with other settings.
+Registered names:
 - one Task per training prompt (296), named by its P3 task name;
 - one Mixture per training dataset (36), `t0_<key>` (for example `t0_cos_e`),
   for Dataset Experts;
@@ -23,8 +27,9 @@ Registered by `register()`; importing this module reads no files:
 - `t0_eval_<key>_score_eval` per evaluation dataset (11) and
   `t0_eval_score_eval` with all of them.
 
-The P3 folder comes from `register(p3_dir=...)`, else `$ELM_JAX_P3_DIR` at read
-time. In gin, bind `t0.register.p3_dir` where the run calls `@t0.register()`.
+In gin, `TASK_MODULES = ['elm_jax.tasks.t0']` imports (and so registers) the
+collection; set $ELM_JAX_P3_DIR for the folder, or bind `t0.register.p3_dir` in a
+run that calls `@t0.register()`.
 """
 
 import dataclasses
@@ -154,10 +159,28 @@ def _parse_spec(feature: str, spec: dict[str, Any], source: str):
 
 def read_records(task_name: str, split: str, *, score_eval: bool,
                  p3_dir: str | os.PathLike[str] | None = None,
-                 shuffle_files: bool = False, seed: int | None = None) -> tf.data.Dataset:
-  """Reads the raw records of one P3 split with their dtypes from info.<split>.json."""
+                 keep: tuple[str, ...] | None = None, shuffle_files: bool = False,
+                 seed: int | None = None) -> tf.data.Dataset:
+  """Reads the records of one P3 split, cast to the dtypes of info.<split>.json.
+
+  Args:
+    task_name: the P3 task folder name.
+    split: `train`, `validation` or `test`.
+    score_eval: whether the folder has the score_eval features (used when
+      info.<split>.json is absent).
+    p3_dir: the P3 folder; None reads $ELM_JAX_P3_DIR.
+    keep: parse only these features; None parses all.
+    shuffle_files: shuffle the order of the shards.
+    seed: the shard shuffling seed.
+  """
   files = split_files(task_name, split, p3_dir)
   features = split_features(task_name, split, score_eval=score_eval, p3_dir=p3_dir)
+  if keep is not None:
+    missing = [name for name in keep if name not in features]
+    if missing:
+      raise ValueError(f"P3 {task_name} {split}: features {missing} are not in the split's "
+                       f"info (it has {sorted(features)}).")
+    features = {name: features[name] for name in keep}
   source = f"P3 {task_name} {split}"
   description = {name: _parse_spec(name, spec, source) for name, spec in features.items()}
 
@@ -197,23 +220,41 @@ def count_examples(task_name: str, split: str = "train", *,
   return _count_examples(str(_existing_task_dir(task_name, p3_dir)), split)
 
 
-def _group_choices(records: tf.data.Dataset, source: str) -> list[dict[str, Any]]:
-  """Groups per-choice score_eval records into one example per `idx[0]`."""
+def _feature_values(example: tf.train.Example, name: str, source: str) -> list[Any]:
+  feature = example.features.feature.get(name)
+  if feature is None:
+    raise ValueError(f"{source}: a record has no feature {name!r}.")
+  kind = feature.WhichOneof("kind")
+  return list(getattr(feature, kind).value) if kind else []
+
+
+def read_score_eval_examples(task_name: str, split: str, *,
+                             p3_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+  """Reads a `_score_eval` split and groups its per-choice records by example.
+
+  Each P3 record is one (example, choice) pair with `idx` = [example index, choice
+  index]. The result has one dict per example, in `idx` order, with `inputs`,
+  `answer_choices`, `is_correct` (per choice), `targets` (the first correct
+  choice) and `idx`. Examples without a correct choice are dropped and counted
+  in a warning. The records are parsed in Python, which suits evaluation splits
+  (tens of thousands of records).
+  """
+  source = f"P3 {task_name} {split}"
   examples: dict[int, dict[str, Any]] = {}
-  for record in records.as_numpy_iterator():
-    idx = np.atleast_1d(record["idx"])
-    choices = [c.decode("utf-8") for c in record["answer_choices"]]
+  files = split_files(task_name, split, p3_dir)
+  for serialized in tf.data.TFRecordDataset(files).as_numpy_iterator():
+    record = tf.train.Example.FromString(serialized)
+    idx = _feature_values(record, "idx", source)
+    choices = [c.decode("utf-8") for c in _feature_values(record, "answer_choices", source)]
+    inputs = _feature_values(record, "inputs_pretokenized", source)[0].decode("utf-8")
     example = examples.setdefault(int(idx[0]), {
-        "inputs": record["inputs_pretokenized"].decode("utf-8"),
-        "answer_choices": choices,
-        "is_correct": [False] * len(choices),
-    })
+        "inputs": inputs, "answer_choices": choices, "is_correct": [False] * len(choices)})
     if len(idx) > 1:
       position = int(idx[1])
     else:
-      target = record["targets_pretokenized"].decode("utf-8").strip()
-      position = choices.index(target) if target in choices else -1
-    if 0 <= position < len(choices) and bool(record["is_correct"]):
+      target = _feature_values(record, "targets_pretokenized", source)[0].decode("utf-8")
+      position = choices.index(target.strip()) if target.strip() in choices else -1
+    if 0 <= position < len(choices) and any(_feature_values(record, "is_correct", source)):
       example["is_correct"][position] = True
 
   grouped, unscorable = [], 0
@@ -277,13 +318,16 @@ class P3DataSource(seqio.DataSource):
                   shard_info: seqio.ShardInfo | None = None, *, sequence_length=None,
                   use_cached: bool = False, num_epochs: int | None = 1) -> tf.data.Dataset:
     del sequence_length, use_cached, num_epochs  # Handled by the Task.
-    records = read_records(self._task_name, split, score_eval=self._score_eval,
-                           p3_dir=self._p3_dir, shuffle_files=shuffle, seed=seed)
     if self._score_eval:
-      grouped = _group_choices(records, f"P3 {self._task_name} {split}")
+      grouped = read_score_eval_examples(self._task_name, split, p3_dir=self._p3_dir)
       dataset = tf.data.Dataset.from_generator(lambda: iter(grouped),
                                                output_signature=_SCORE_EVAL_SIGNATURE)
     else:
+      records = read_records(self._task_name, split, score_eval=False, p3_dir=self._p3_dir,
+                             keep=("inputs_pretokenized", "targets_pretokenized"),
+                             shuffle_files=shuffle, seed=seed)
+      # seqio's tokenize() encodes `inputs` and `targets` and copies the text back
+      # to the `_pretokenized` features.
       dataset = records.map(
           lambda r: {"inputs": r["inputs_pretokenized"], "targets": r["targets_pretokenized"]},
           num_parallel_calls=tf.data.AUTOTUNE)
@@ -393,6 +437,38 @@ def _add_mixture(name: str, tasks: list[tuple[str, Any]]) -> None:
   seqio.MixtureRegistry.add(name, tasks)
 
 
+def register_p3_task(name: str, *, p3_dir: str | os.PathLike[str] | None = None,
+                     task_name: str | None = None, vocabulary: seqio.Vocabulary | None = None,
+                     splits: tuple[str, ...] = P3_SPLITS) -> str:
+  """Registers one P3-format folder, `<p3_dir>/data/<task_name>`, as the Task `name`.
+
+  A `task_name` ending in `_score_eval` is read as a scoring folder (one record
+  per answer choice) and yields the scoring features. Registering a name again
+  replaces the Task. Nothing is read until a dataset is built.
+
+  Args:
+    name: the Task name.
+    p3_dir: the folder that contains `data/`; None reads $ELM_JAX_P3_DIR.
+    task_name: the folder name under `data/`; defaults to `name`.
+    vocabulary: the vocabulary; None uses the default vocabulary.
+    splits: the splits the folder has.
+
+  Returns:
+    `name`.
+  """
+  task_name = task_name or name
+  score_eval = task_name.endswith(promptsource.SCORE_EVAL_SUFFIX)
+  source = P3DataSource(task_name, p3_dir=p3_dir, score_eval=score_eval, splits=splits)
+  features = promptsource.output_features(promptsource.resolve_vocabulary(vocabulary))
+  _add_task(name, source, _tokenize_preprocessors(), features)
+  return name
+
+
+def _tokenize_preprocessors() -> list[Any]:
+  return [seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
+          seqio.preprocessors.append_eos_after_trim]
+
+
 def register(p3_dir: str | os.PathLike[str] | None = None, *,
              vocabulary: seqio.Vocabulary | None = None, include_eval: bool = True) -> T0Names:
   """Registers the T0 Tasks and Mixtures over a P3 folder; reads no files.
@@ -412,8 +488,7 @@ def register(p3_dir: str | os.PathLike[str] | None = None, *,
   """
   p3_dir = os.fspath(p3_dir) if p3_dir is not None else None
   features = promptsource.output_features(promptsource.resolve_vocabulary(vocabulary))
-  tokenize = [seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
-              seqio.preprocessors.append_eos_after_trim]
+  tokenize = _tokenize_preprocessors()
 
   all_prompts: list[tuple[str, DatasetRate]] = []
   for dataset in t0_prompts.TRAIN_DATASETS:
@@ -449,15 +524,8 @@ def register(p3_dir: str | os.PathLike[str] | None = None, *,
 
 
 def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
-  """Looks up a seqio Task or Mixture; a miss lists the nearest registered names.
-
-  A T0 name that is not registered yet registers the T0 collection first, with
-  the P3 folder from $ELM_JAX_P3_DIR and the default vocabulary.
-  """
+  """Looks up a seqio Task or Mixture; a miss lists the nearest registered names."""
   registered = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
-  if name not in registered and name in set(names().all()):
-    register()
-    registered = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
   if name in registered:
     return seqio.get_mixture_or_task(name)
   near = difflib.get_close_matches(name, sorted(registered), n=8, cutoff=0.5)
@@ -465,3 +533,6 @@ def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
       f"No seqio Task or Mixture named {name!r}. Closest registered names: "
       f"{', '.join(near) if near else 'none'}. The module that registers it must be "
       "imported first (for example with --gin.TASK_MODULES).")
+
+
+register()

@@ -77,6 +77,8 @@ def test_summarize_rejects_nothing():
 @pytest.mark.parametrize("task, dataset", [
     ("bigbench_strategyqa_score_eval", "strategyqa"),
     ("bigbench_code_line_description", "code_line_description"),
+    ("bigbench_conceptual_combinations_invented_words_score_eval", "conceptual_combinations"),
+    ("bigbench_logical_deduction_three_objects_score_eval", "logical_deduction"),
     ("super_glue_rte_GPT_3_style_score_eval", "rte"),
     ("anli_GPT_3_style_r2_score_eval", "anli_r2"),
     ("super_glue_wsc.fixed_GPT_3_Style_score_eval", "wsc"),

@@ -22,6 +22,9 @@ HF_CONFIGS = {
                  relative_attention_max_distance=40, feed_forward_proj="gated-gelu",
                  tie_word_embeddings=False),
 }
+# Factor on the EOS row of the output projection per config, chosen so that some
+# but not all sequences end before MAX_DECODE_LENGTH.
+EOS_ROW_SCALE = {"v1_0": -1.0, "v1_1": 4.0}
 MAX_DECODE_LENGTH = 10
 EOS = 1
 
@@ -35,25 +38,46 @@ def make_prompts(vocab_size: int) -> np.ndarray:
   return prompts
 
 
-@pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
-def models(request, tmp_path_factory):
+def build_models(kind: str, directory):
   """(HF model, elm-jax config, params, prompts) with the same random weights.
 
-  Weights get std 0.3 and the EOS output row is tripled, so that some sequences
+  Weights get std 0.3 and the EOS output row is rescaled, so that some sequences
   end early and beam search differs from greedy decoding.
   """
   torch.manual_seed(0)
-  hf_config = transformers.T5Config(decoder_start_token_id=0, **HF_CONFIGS[request.param])
+  hf_config = transformers.T5Config(decoder_start_token_id=0, **HF_CONFIGS[kind])
   model = transformers.T5ForConditionalGeneration(hf_config).eval()
   with torch.no_grad():
     for name, param in model.named_parameters():
       if "layer_norm" not in name:
         param.normal_(0.0, 0.3)
-    model.get_output_embeddings().weight[EOS] *= 3.0
-  directory = tmp_path_factory.mktemp(request.param)
+    model.get_output_embeddings().weight[EOS] *= EOS_ROW_SCALE[kind]
   model.save_pretrained(directory)
   config, params = hf.load_hf(directory)
   return model, config, params, make_prompts(hf_config.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+  built = {}
+
+  def get(kind):
+    if kind not in built:
+      built[kind] = build_models(kind, tmp_path_factory.mktemp(kind))
+    return built[kind]
+
+  return get
+
+
+@pytest.fixture(params=sorted(HF_CONFIGS))
+def models(request, build):
+  return build(request.param)
+
+
+@pytest.fixture
+def untied(build):
+  """The T5 v1.1 models alone, for variants that need not run twice."""
+  return build("v1_1")
 
 
 def hf_generate(model, prompts, **kwargs):
@@ -99,10 +123,7 @@ def test_greedy_scores_are_sequence_log_probs(models):
   np.testing.assert_allclose(np.asarray(scores), expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("num_beams,length_penalty,early_stopping",
-                         [(3, 1.0, True), (4, 0.6, False)])
-def test_beam_search_matches_transformers(models, num_beams, length_penalty,
-                                          early_stopping):
+def check_beam_search(models, num_beams, length_penalty, early_stopping):
   model, config, params, prompts = models
   reference = hf_generate(model, prompts, num_beams=num_beams,
                           length_penalty=length_penalty, early_stopping=early_stopping)
@@ -114,6 +135,14 @@ def test_beam_search_matches_transformers(models, num_beams, length_penalty,
   for row in range(len(prompts)):
     assert until_eos(tokens[row, 0]) == until_eos(reference.sequences[row, 1:]), row
   np.testing.assert_allclose(scores[:, 0], reference.sequences_scores.numpy(), atol=1e-4)
+
+
+def test_beam_search_matches_transformers(models):
+  check_beam_search(models, num_beams=3, length_penalty=1.0, early_stopping=True)
+
+
+def test_beam_search_length_penalty_no_early_stop(untied):
+  check_beam_search(untied, num_beams=4, length_penalty=0.6, early_stopping=False)
 
 
 def test_beam_search_differs_from_greedy(models):
@@ -135,8 +164,8 @@ def test_beam_tokens_are_zero_after_eos(models):
     assert not np.any(sequence[len(ended):]), sequence
 
 
-def test_scanned_model_decodes_the_same(models):
-  _, config, params, prompts = models
+def test_scanned_model_decodes_the_same(untied):
+  _, config, params, prompts = untied
   scanned = t5.T5Config(**{**config.__dict__, "scan_layers": True})
   stacked = t5.stack_layers(params)
   unscanned_tokens, _ = decoding.beam_search(params, prompts, config=config, num_beams=3,

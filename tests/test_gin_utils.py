@@ -192,7 +192,7 @@ def test_run_calls_main_with_flags(gin_dir):
     return 3
 
   status = gin_utils.run(
-      main, ["--gin_file", "experiments/exp.gin", "--gin_search_path", str(gin_dir),
+      main, ["--gin_file", "experiments/exp.gin", f"--gin_search_paths=/nonexistent,{gin_dir}",
              "--gin.MODEL_DIR=/tmp/r", f"--gin.{_MODULE}.train.num_steps=11", "--extra=5"],
       "test", add_arguments=lambda p: p.add_argument("--extra", type=int))
   assert status == 3
@@ -202,14 +202,16 @@ def test_run_calls_main_with_flags(gin_dir):
 
 
 def test_log_config_writes_text(gin_dir):
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-
   texts = []
 
-  class Recorder(metric_writers.LoggingWriter):
+  class Recorder:
+    """The two methods of clu's MetricWriter that log_config calls."""
 
     def write_texts(self, step, texts_by_key):
       texts.append((step, dict(texts_by_key)))
+
+    def flush(self):
+      pass
 
   gin_utils.parse_gin(["runs/base.gin"], ["MODEL_DIR = 'd'"], search_paths=[str(gin_dir)])
   gin_utils.log_config(Recorder(), step=0)

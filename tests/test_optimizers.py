@@ -137,7 +137,10 @@ def test_lora_mask(adapter_model):
 
 
 def test_mask_requires_adapter_weights():
-  params, _ = _init(_tiny_config())
+  tokens = jnp.ones((2, 5), jnp.int32)
+  params = jax.eval_shape(t5.T5(_tiny_config()).init, jax.random.PRNGKey(0), tokens, tokens,
+                          tokens)
+  params = nn.unbox(params)["params"]
   with pytest.raises(ValueError, match="AdapterConfig"):
     optimizers.trainable_mask(params, "adapter")
 

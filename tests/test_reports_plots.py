@@ -125,3 +125,11 @@ def test_heatmap_shape_mismatch_is_an_error(tmp_path):
 def test_empty_expert_figure_is_an_error(tmp_path):
   with pytest.raises(ValueError, match="no values"):
     plots.expert_accuracy_figure({}, output_stem=tmp_path / "empty")
+
+
+def test_matrix_figures_from_folder(matrix_file, tmp_path):
+  paths = plots.matrix_figures(matrix_file, output_dir=tmp_path / "figures", baseline=45.0)
+  assert [p.name for p in paths] == ["expert_accuracy.png", "expert_accuracy.svg",
+                                     "expert_task_heatmap.png", "expert_task_heatmap.svg"]
+  _check_png_and_svg(paths[:2])
+  _check_png_and_svg(paths[2:])

@@ -33,12 +33,23 @@ def _params(config: t5.T5Config, seed: int = 0):
   return nn.meta.unbox(variables["params"])
 
 
+@functools.lru_cache(maxsize=None)
+def _forward(config: t5.T5Config):
+  """Jitted teacher-forced forward pass taking params and a dict of features."""
+  model = t5.T5(config)
+
+  @jax.jit
+  def run(params, features):
+    features = dict(features)
+    enc = features.pop("encoder_input_tokens")
+    dec = features.pop("decoder_input_tokens")
+    return model.apply({"params": params}, enc, dec, **features)
+  return run
+
+
 def _logits(config, params, **features):
-  """Eager teacher-forced logits (eager op compilations are shared between tests)."""
   features = {k: jnp.asarray(v) for k, v in features.items()}
-  enc = features.pop("encoder_input_tokens")
-  dec = features.pop("decoder_input_tokens")
-  return np.asarray(t5.T5(config).apply({"params": params}, enc, dec, **features))
+  return np.asarray(_forward(config)(params, features))
 
 
 def _random_tokens(rng, shape):
@@ -77,7 +88,7 @@ def _batch(seed=0, batch=2, enc_len=9, dec_len=7):
           "dec_in": jnp.asarray(_shift_right(targets))}
 
 
-# Parameters ------------------------------------------------------------------
+# Parameters.
 
 
 def test_parameter_tree_follows_the_contract():
@@ -128,7 +139,7 @@ def test_initialization_scales_like_t5x():
                              rtol=0.1)
 
 
-def test_config_rejects_bad_values_and_round_trips_through_dict():
+def test_config_validation_and_dict_round_trip():
   with pytest.raises(ValueError, match="feed_forward"):
     dataclasses.replace(TINY, feed_forward="swish")
   with pytest.raises(ValueError, match="unknown names"):
@@ -140,7 +151,7 @@ def test_config_rejects_bad_values_and_round_trips_through_dict():
     t5.T5Config.from_dict({**config.to_dict(), "d_modle": 3})
 
 
-# Relative positions ------------------------------------------------------------
+# Relative positions.
 
 
 @pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (7, 19), (8, 20), (33, 77)])
@@ -165,7 +176,7 @@ def test_traced_positions_give_the_static_bias():
   np.testing.assert_array_equal(np.asarray(static), np.asarray(traced))
 
 
-# Masks, packing, scoring --------------------------------------------------------
+# Masks, packing, scoring.
 
 
 def test_appending_padding_leaves_real_logits_unchanged():
@@ -247,7 +258,7 @@ def test_scorer_layout_matches_each_choice_alone():
     start += len(choice)
 
 
-# Cached decoding ------------------------------------------------------------------
+# Cached decoding.
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
@@ -287,7 +298,7 @@ def test_decode_mode_rejects_segment_ids():
                       decode=True, mutable=["cache"], method=t5.T5.decode)
 
 
-# Layouts, remat, precision, dropout -------------------------------------------------
+# Layouts, remat, precision, dropout.
 
 
 def test_scanned_and_unscanned_layers_give_the_same_logits():
@@ -308,18 +319,30 @@ def test_scanned_and_unscanned_layers_give_the_same_logits():
       jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)), restored, params))
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
-def test_remat_gives_the_same_loss_and_gradients(policy):
+def test_stack_layers_rejects_gaps_and_mixed_layouts():
+  layer = {"scale": np.ones(3, np.float32)}
+  with pytest.raises(ValueError, match="without gaps"):
+    t5.stack_layers({"layers_0": layer, "layers_2": layer})
+  with pytest.raises(ValueError, match="mixes"):
+    t5.stack_layers({"layers_0": layer, "layers": layer})
+  stacked = t5.stack_layers({"encoder": {"layers_0": layer, "layers_1": layer}})
+  assert isinstance(stacked["encoder"]["layers"]["scale"], np.ndarray)
+  assert stacked["encoder"]["layers"]["scale"].shape == (2, 3)
+
+
+def test_remat_gives_the_same_loss_and_gradients():
   params = _params(TINY)
   batch = _batch()
-  remat = dataclasses.replace(TINY, remat_policy=policy)
   loss, grads = jax.jit(jax.value_and_grad(
       functools.partial(_cross_entropy_loss, TINY)))(params, batch)
-  remat_loss, remat_grads = jax.jit(jax.value_and_grad(
-      functools.partial(_cross_entropy_loss, remat)))(params, batch)
-  np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
-  jax.tree_util.tree_map(
-      functools.partial(np.testing.assert_allclose, atol=1e-5), remat_grads, grads)
+  for policy in ("full", "dots"):
+    remat = dataclasses.replace(TINY, remat_policy=policy)
+    remat_loss, remat_grads = jax.jit(jax.value_and_grad(
+        functools.partial(_cross_entropy_loss, remat)))(params, batch)
+    np.testing.assert_allclose(remat_loss, loss, rtol=1e-6, err_msg=policy)
+    jax.tree_util.tree_map(
+        functools.partial(np.testing.assert_allclose, atol=1e-5, err_msg=policy),
+        remat_grads, grads)
 
 
 def test_bfloat16_activations_are_close_to_float32():
@@ -341,13 +364,16 @@ def test_dropout_uses_the_dropout_stream():
   batch = _batch()
   model = t5.T5(TINY)
 
-  def run(seed):
+  @jax.jit
+  def run(rng):
     return model.apply({"params": params}, batch["inputs"], batch["dec_in"],
-                       enable_dropout=True, rngs={"dropout": jax.random.key(seed)})
-  np.testing.assert_array_equal(run(1), run(1))
-  assert not np.allclose(run(1), run(2))
-  assert not np.allclose(run(1), model.apply({"params": params}, batch["inputs"],
-                                             batch["dec_in"]))
+                       enable_dropout=True, rngs={"dropout": rng})
+  first = run(jax.random.key(1))
+  np.testing.assert_array_equal(run(jax.random.key(1)), first)
+  assert not np.allclose(run(jax.random.key(2)), first)
+  deterministic = _logits(TINY, params, encoder_input_tokens=batch["inputs"],
+                          decoder_input_tokens=batch["dec_in"])
+  assert not np.allclose(first, deterministic)
 
 
 def test_tied_output_is_rescaled_and_untied_is_not():
@@ -365,7 +391,7 @@ def test_tied_output_is_rescaled_and_untied_is_not():
     np.testing.assert_allclose(logits, expected, atol=1e-5, err_msg=f"tied={tied}")
 
 
-# Adapters and LoRA -------------------------------------------------------------------
+# Adapters and LoRA.
 
 
 def _flat(tree):
@@ -379,7 +405,7 @@ def _without(params, predicate):
   return params
 
 
-def test_zero_initialized_adapters_keep_logits_and_add_the_expected_params():
+def test_new_adapters_are_identity():
   config = dataclasses.replace(TINY, adapter=t5.AdapterConfig(reduction_factor=8))
   params = _params(config)
   added = set(_flat(params)) - set(_flat(_params(TINY)))
@@ -403,8 +429,15 @@ def test_zero_initialized_adapters_keep_logits_and_add_the_expected_params():
   assert not np.allclose(_logits(config, nudged, **features), _logits(TINY, base, **features))
 
 
-def test_zero_initialized_lora_keeps_logits_and_adds_the_expected_params():
-  lora = t5.LoraConfig(rank=3, alpha=6.0, targets=("query", "value", "wo"))
+def _merge_lora(tree, scale):
+  """Folds every `lora_a @ lora_b * scale` into its kernel and drops the factors."""
+  if "lora_a" in tree:
+    return {"kernel": tree["kernel"] + tree["lora_a"] @ tree["lora_b"] * scale}
+  return {k: _merge_lora(v, scale) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def test_lora_params_and_merged_kernel():
+  lora = t5.LoraConfig(rank=3, alpha=6.0, targets=("query", "value", "wi_1", "wo"))
   config = dataclasses.replace(TINY, lora=lora)
   params = _params(config)
   added = {k: v for k, v in _flat(params).items() if k not in _flat(_params(TINY))}
@@ -412,28 +445,17 @@ def test_zero_initialized_lora_keeps_logits_and_adds_the_expected_params():
   assert added["decoder/layers_1/encoder_decoder_attention/value/lora_a"] == (40, 3)
   assert added["decoder/layers_1/encoder_decoder_attention/value/lora_b"] == (3, 18)
   assert added["encoder/layers_0/mlp/wo/lora_a"] == (52, 3)
-  # query and value in 2 encoder + 6 decoder attentions, wo in 5 layers; a and b each.
-  assert len(added) == 2 * (2 * 8 + 5)
+  # query and value in 2 encoder + 6 decoder attentions, wi_1 and wo in 5 layers.
+  assert len(added) == 2 * (2 * 8 + 2 * 5)
 
   batch = _batch()
   features = dict(encoder_input_tokens=batch["inputs"], decoder_input_tokens=batch["dec_in"])
-  base = _without(params, lambda k: k.startswith("lora_"))
-  np.testing.assert_array_equal(_logits(config, params, **features),
-                                _logits(TINY, base, **features))
-
-
-def test_lora_update_equals_a_merged_kernel():
-  lora = t5.LoraConfig(rank=2, alpha=5.0, targets=("wi_1",))
-  config = dataclasses.replace(TINY, lora=lora)
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, x: x + 0.05 if "lora_b" in str(p) else x, _params(config))
-  merged = jax.tree_util.tree_map(lambda x: x, _without(params, lambda k: k.startswith("lora_")))
-  for stack, num in (("encoder", 2), ("decoder", 3)):
-    for i in range(num):
-      dense = params[stack][f"layers_{i}"]["mlp"]["wi_1"]
-      merged[stack][f"layers_{i}"]["mlp"]["wi_1"] = {
-          "kernel": dense["kernel"] + dense["lora_a"] @ dense["lora_b"] * (5.0 / 2)}
-  batch = _batch()
-  features = dict(encoder_input_tokens=batch["inputs"], decoder_input_tokens=batch["dec_in"])
-  np.testing.assert_allclose(_logits(config, params, **features),
-                             _logits(TINY, merged, **features), atol=1e-5)
+  base_logits = _logits(TINY, _merge_lora(params, 2.0), **features)
+  np.testing.assert_array_equal(_logits(config, params, **features), base_logits)
+  # A trained (non-zero) lora_b acts like the merged kernel W + A B alpha / rank.
+  trained = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.05 if "lora_b" in str(p) else x, params)
+  logits = _logits(config, trained, **features)
+  np.testing.assert_allclose(logits, _logits(TINY, _merge_lora(trained, 2.0), **features),
+                             atol=1e-5)
+  assert not np.allclose(logits, base_logits, atol=1e-4)

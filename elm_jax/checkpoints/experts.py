@@ -1,8 +1,8 @@
 """Expert files: `expert.json` metadata and `params.safetensors` trained parameters.
 
 An expert folder holds only the parameters its training changed (adapters and
-layer norms, LoRA factors, or everything for full fine-tuning) and says which
-base model they belong to by the base's fingerprint. Loading checks the
+layer norms, LoRA factors, or everything for full fine-tuning) and records the
+fingerprint of the base model they belong to. Loading checks the
 parameter file against its recorded sha256 and, given a base, the base against
 the fingerprint. A mismatch raises instead of silently producing a broken model.
 

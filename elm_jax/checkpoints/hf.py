@@ -1,6 +1,6 @@
 """Hugging Face T5 checkpoints: import into elm-jax's T5 and export back.
 
-A Hugging Face T5 directory holds `config.json` and the weights as
+A Hugging Face T5 directory contains `config.json` and the weights as
 `model.safetensors`, sharded safetensors listed in `model.safetensors.index.json`,
 or PyTorch's `pytorch_model.bin` (read only when torch is installed, with
 `weights_only=True`, so nothing is unpickled beyond tensors).
@@ -61,7 +61,7 @@ class _Entry:
 
 
 def is_hf_dir(path: str | os.PathLike[str]) -> bool:
-  """Returns True when `path` holds config.json and weights in a known layout."""
+  """Returns True when `path` contains config.json and weights in a known layout."""
   path = os.fspath(path)
   if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
     return False
@@ -305,7 +305,7 @@ def read_hf_state(directory: str | os.PathLike[str]) -> dict[str, np.ndarray]:
   if os.path.isfile(torch_index):
     return _read_sharded(directory, torch_index, _torch_load)
   raise CheckpointError(
-      f"{directory} holds no weights: looked for {SAFETENSORS_NAME}, "
+      f"{directory} contains no weights: looked for {SAFETENSORS_NAME}, "
       f"{SAFETENSORS_INDEX_NAME}, {TORCH_NAME} and {TORCH_INDEX_NAME}.")
 
 
@@ -362,7 +362,7 @@ def load_hf(directory: str | os.PathLike[str],
   """Loads a Hugging Face T5 directory as (T5Config, params).
 
   Args:
-    directory: holds config.json and the weights.
+    directory: contains config.json and the weights.
     config: when given, it must agree with config.json on every architecture field;
       its dtype, scan_layers, remat_policy, adapter and lora are kept.
 

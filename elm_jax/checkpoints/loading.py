@@ -18,7 +18,7 @@ Built-in formats are a Hugging Face T5 directory (`hf`) and a T5X checkpoint
 Loaders are tried in registration order, built-in ones first, and the first whose
 detect function returns True loads the directory.
 
-The module also holds what the format-specific modules share: `CheckpointError`,
+The module also contains what the format-specific modules share: `CheckpointError`,
 the expected parameter shapes for a config, and the comparison that turns a
 mismatch into an error naming the parameter and both shapes.
 """
@@ -40,13 +40,15 @@ Params = Mapping[str, Any]
 DetectFn = Callable[[str], bool]
 LoadFn = Callable[[str, "T5Config | None"], tuple[T5Config, Params]]
 
-# Config fields that change a parameter shape or the function the model computes;
-# a checkpoint and a config given for it must agree on all of them.
+# Config fields that change a parameter shape or the function the model computes.
+# A checkpoint and a config given for it must agree on all of them.
 ARCHITECTURE_FIELDS = (
     "vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers",
     "num_decoder_layers", "relative_attention_num_buckets",
     "relative_attention_max_distance", "layer_norm_epsilon", "feed_forward",
     "tie_word_embeddings")
+# Shape mismatches listed in one error; the count of the rest follows.
+_MAX_LISTED = 20
 
 
 class CheckpointError(ValueError):
@@ -70,7 +72,7 @@ def register_loader(kind: str, detect_fn: DetectFn, load_fn: LoadFn, *,
 
   Args:
     kind: a short unique name for the format, such as "orbax".
-    detect_fn: `detect_fn(path) -> bool`, True when `path` holds this format. It
+    detect_fn: `detect_fn(path) -> bool`, True when `path` is in this format. It
       must be cheap (look at file names, not weights) and must not raise.
     load_fn: `load_fn(path, config) -> (T5Config, params)`, where `config` is the
       caller's config or None; params are the unscanned or scanned tree that
@@ -128,7 +130,7 @@ def load_model(path: str | os.PathLike[str],
   looked_for = "\n".join(f"  - {loader.kind}: {loader.description}" for loader in _LOADERS)
   raise CheckpointError(
       f"{path} is not a checkpoint directory of any known format. Looked for:\n"
-      f"{looked_for}\nPass the directory that holds these files.")
+      f"{looked_for}\nPass the directory that contains these files.")
 
 
 def base_config(config: T5Config) -> T5Config:
@@ -188,8 +190,8 @@ def check_param_shapes(expected: Mapping[str, tuple[int, ...]],
     hint: a sentence appended to the message, such as what to do.
 
   Raises:
-    CheckpointError: listing every missing and unexpected name, or naming the
-      first parameter whose shape differs with both shapes.
+    CheckpointError: listing every missing and unexpected name, or else each
+      parameter whose shape differs, with both shapes.
   """
   missing = sorted(set(expected) - set(found))
   unexpected = sorted(set(found) - set(expected))
@@ -202,11 +204,18 @@ def check_param_shapes(expected: Mapping[str, tuple[int, ...]],
     if hint:
       lines.append(hint)
     raise CheckpointError("\n".join(lines))
-  for name in sorted(expected):
-    if tuple(found[name]) != tuple(expected[name]):
-      raise CheckpointError(
-          f"Parameter {name} of {source} has shape {tuple(found[name])} but the "
-          f"model expects {tuple(expected[name])}. {hint}".rstrip())
+  # Shallow names first: the embedding and norms show a width change most plainly.
+  wrong = [name for name in sorted(expected, key=lambda n: (n.count("/"), n))
+           if tuple(found[name]) != tuple(expected[name])]
+  if wrong:
+    lines = [f"{len(wrong)} parameters of {source} have the wrong shape:"]
+    lines += [f"  {name}: checkpoint {tuple(found[name])}, model expects "
+              f"{tuple(expected[name])}" for name in wrong[:_MAX_LISTED]]
+    if len(wrong) > _MAX_LISTED:
+      lines.append(f"  ... and {len(wrong) - _MAX_LISTED} more")
+    if hint:
+      lines.append(hint)
+    raise CheckpointError("\n".join(lines))
 
 
 def check_compatible(config: T5Config, params: Params, vocab_size: int | None = None,

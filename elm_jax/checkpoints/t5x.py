@@ -72,7 +72,7 @@ def find_checkpoint_dir(path: str | os.PathLike[str]) -> str:
         steps.append((int(match.group(1)), name))
   if not steps:
     raise CheckpointError(
-        f"{path} holds no T5X checkpoint: expected a file named {MSGPACK_NAME!r} in it "
+        f"{path} contains no T5X checkpoint: expected a file named {MSGPACK_NAME!r} in it "
         "or in a checkpoint_<step> folder inside it.")
   return os.path.join(path, max(steps)[1])
 
@@ -126,7 +126,7 @@ def _read_ts_array(spec: Mapping[str, Any], checkpoint_dir: str, name: str) -> n
   shape = spec.get("metadata", {}).get("shape")
   if shape is not None and tuple(shape) != array.shape:
     raise CheckpointError(f"Parameter {name}: the msgpack spec says shape {tuple(shape)} "
-                          f"but {array_dir} holds shape {array.shape}.")
+                          f"but {array_dir} contains shape {array.shape}.")
   return array
 
 

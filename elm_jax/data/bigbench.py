@@ -215,17 +215,7 @@ def _records(task_json: dict[str, Any], path: Path, *, log: bool) -> Iterator[di
 _logged_paths: set[Path] = set()
 
 
-@functools.lru_cache(maxsize=64)
-def read_split(path: Path, split: str, max_examples: int | None = None
-               ) -> tuple[dict[str, Any], ...]:
-  """Returns the records of one split of a task file, each with its `idx`.
-
-  Records have `inputs_pretokenized`, `targets_pretokenized`, `answer_choices`,
-  `is_correct` and `idx`; results are cached in memory per (path, split, cap).
-  """
-  if split not in SPLITS:
-    raise ValueError(f"Unknown BIG-bench split {split!r}; expected one of {SPLITS}.")
-  path = Path(path)
+def _parse_split(path: Path, split: str, max_examples: int | None) -> list[dict[str, Any]]:
   log = path not in _logged_paths
   _logged_paths.add(path)
   records = [r for r in _records(_load_json(path), path, log=log)
@@ -238,7 +228,34 @@ def read_split(path: Path, split: str, max_examples: int | None = None
     record = {k: v for k, v in record.items() if k != "key"}
     record["idx"] = idx
     out.append(record)
-  return tuple(out)
+  return out
+
+
+@functools.lru_cache(maxsize=64)
+def read_split(path: Path, split: str, max_examples: int | None = None, *,
+               cache_dir: Path | None = None) -> tuple[dict[str, Any], ...]:
+  """Returns the records of one split of a task file, each with its `idx`.
+
+  Records have `inputs_pretokenized`, `targets_pretokenized`, `answer_choices`,
+  `is_correct` and `idx`. Results are cached in memory per (path, split, cap)
+  and, when `cache_dir` is given, as a JSON file there, so a later process
+  reads a capped split of a large task file without parsing the whole file.
+  Use `split_cache_dir(cache)` as `cache_dir`: its name carries the artifact's
+  sha256, so a changed artifact never meets stale split files.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"Unknown BIG-bench split {split!r}; expected one of {SPLITS}.")
+  path = Path(path)
+  if cache_dir is None:
+    return tuple(_parse_split(path, split, max_examples))
+  stem = hashlib.sha256(str(path.resolve()).encode("utf-8")).hexdigest()[:16]
+  cached = Path(cache_dir) / f"{path.parent.name}-{stem}.{split}.{max_examples}.json"
+  if cached.is_file():
+    with open(cached, encoding="utf-8") as f:
+      return tuple(json.load(f))
+  records = _parse_split(path, split, max_examples)
+  _write_atomic(cached, json.dumps(records, ensure_ascii=False))
+  return tuple(records)
 
 
 def _index_file(root: Path, relative: str) -> TaskEntry | None:
@@ -287,6 +304,12 @@ def index_path(cache: str | os.PathLike[str] | None = None) -> Path:
   manifest_sha = fetch.sha256_file(folder / fetch.MANIFEST)
   return (fetch.cache_root(cache) / "derived" /
           f"bigbench_index-v{INDEX_VERSION}-{manifest_sha[:16]}.json")
+
+
+def split_cache_dir(cache: str | os.PathLike[str] | None = None) -> Path:
+  """Returns the folder of cached split files (see `read_split`) for this artifact."""
+  return index_path(cache).with_suffix("").with_name(
+      index_path(cache).stem.replace("bigbench_index", "bigbench_splits"))
 
 
 def load_index(cache: str | os.PathLike[str] | None = None) -> dict[str, TaskEntry]:
@@ -348,6 +371,7 @@ def held_in_text(*, cache: str | os.PathLike[str] | None = None,
   """
   root = fetch.artifact_dir("bigbench", cache)
   index = load_index(cache)
+  splits_dir = split_cache_dir(cache)
   entries = held_in_entries(index)
   if task_names is not None:
     unknown = sorted(set(task_names) - set(index))
@@ -359,5 +383,6 @@ def held_in_text(*, cache: str | os.PathLike[str] | None = None,
                        "training text.")
     entries = [e for e in entries if e.name in set(task_names)]
   for entry in entries:
-    for record in read_split(root / entry.path, "train", examples_per_task):
+    for record in read_split(root / entry.path, "train", examples_per_task,
+                             cache_dir=splits_dir):
       yield (record["inputs_pretokenized"] + "\n" + record["targets_pretokenized"])[:max_chars]

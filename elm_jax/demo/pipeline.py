@@ -352,12 +352,13 @@ class Demo:
   def stage_library(self, summaries) -> dict[str, Any]:
     from elm_jax.library import instances as instances_lib  # pylint: disable=g-import-not-at-top
     from elm_jax.library import store  # pylint: disable=g-import-not-at-top
+    from elm_jax.models import embedders  # pylint: disable=g-import-not-at-top
     self.register_tasks()
     embedder = self.embedder()
     if not (self.library_dir / store.MANIFEST).is_file():
       store.create(self.library_dir, embedder_kind=embedder.kind,
                    embedder_fingerprint=embedder.fingerprint, dim=embedder.dim,
-                   max_length=embedder.max_length, query_max_length=embedder.query_max_length,
+                   max_length=embedder.max_length, query_max_length=embedders.QUERY_MAX_LENGTH,
                    samples_per_expert=self.config.library_samples, seed=self.config.seed)
     library = store.Library(self.library_dir)
     present = set(library.expert_ids)
@@ -374,10 +375,20 @@ class Demo:
     return {"library_dir": str(self.library_dir), "experts": list(library.expert_ids),
             "rows": int(sum(len(library.samples(e)) for e in library.expert_ids))}
 
+  def leaf_tasks(self, name: str) -> list[str]:
+    """The scoring Tasks of a BIG-bench task: itself, or its subtasks."""
+    from elm_jax.evaluation import scorer  # pylint: disable=g-import-not-at-top
+    return scorer.resolve_task_names(score_task(name))
+
   def eval_instances(self, name: str):
+    """Unlabeled instances of an evaluation task, at most eval_max_examples in all."""
     from elm_jax.library import instances as instances_lib  # pylint: disable=g-import-not-at-top
-    return instances_lib.task_instances(score_task(name), "all",
-                                        limit=self.config.eval_max_examples)
+    leaves = self.leaf_tasks(name)
+    per_leaf = -(-self.config.eval_max_examples // len(leaves))
+    instances = []
+    for leaf in leaves:
+      instances.extend(instances_lib.task_instances(leaf, "all", limit=per_leaf))
+    return instances[:self.config.eval_max_examples]
 
   def stage_audit(self, _) -> dict[str, Any]:
     from elm_jax.library import audit  # pylint: disable=g-import-not-at-top
@@ -444,16 +455,21 @@ class Demo:
     return provide
 
   def _batch_provider(self):
+    """Scoring batches of `<task>` (evaluation, split `all`) or `heldin=<task>`."""
     from elm_jax.evaluation import scorer  # pylint: disable=g-import-not-at-top
     vocabulary = self.vocabulary()
 
     def provide(task: str):
-      split = "validation" if task.startswith("heldin=") else "all"
-      name = task.split("=", 1)[1] if "=" in task else task
-      limit = (self.config.held_in_max_examples if split == "validation"
-               else self.config.eval_max_examples)
-      examples = scorer.task_examples(score_task(name), split=split, max_examples=limit)
-      return scorer.make_batches(examples, vocabulary=vocabulary,
+      held_in = task.startswith("heldin=")
+      name = task.split("=", 1)[1] if held_in else task
+      split = "validation" if held_in else "all"
+      limit = self.config.held_in_max_examples if held_in else self.config.eval_max_examples
+      leaves = self.leaf_tasks(name)
+      per_leaf = -(-limit // len(leaves))
+      examples = []
+      for leaf in leaves:
+        examples.extend(scorer.task_examples(leaf, split=split, max_examples=per_leaf))
+      return scorer.make_batches(examples[:limit], vocabulary=vocabulary,
                                  batch_size=self.config.eval_batch_size,
                                  task_name=score_task(name))
     return provide
@@ -467,7 +483,8 @@ class Demo:
         settings={"eval_max_examples": self.config.eval_max_examples,
                   "held_in_max_examples": self.config.held_in_max_examples,
                   "seed": self.config.seed})
-    return {f"{e}|{t}": {"accuracy": c.accuracy, "num_examples": c.num_examples}
+    # Cells hold percentages; the demo's results use fractions in [0, 1].
+    return {f"{e}|{t}": {"accuracy": c.accuracy / 100.0, "num_examples": c.num_examples}
             for (e, t), c in sorted(cells.items())}
 
   def stage_matrix(self, summaries) -> dict[str, Any]:

@@ -94,7 +94,7 @@ def build_results(config: pipeline.DemoConfig, summaries: Mapping[str, Any]) -> 
       "matrix": {k: v["accuracy"] for k, v in sorted(matrix.items())},
       "leakage_audit": _audit_counts(audit),
       "training": {
-          "base": summaries["pretrain"],
+          "base": {k: v for k, v in summaries["pretrain"].items() if k != "base"},
           "multitask_steps": summaries["multitask"]["steps"],
           "expert_steps": config.expert_steps,
       },

@@ -14,6 +14,8 @@ import re
 import statistics
 from typing import Callable, Iterable, Mapping, Sequence
 
+from absl import logging
+
 # Maps a Task name to the name of its dataset.
 DatasetResolver = Callable[[str], str]
 
@@ -100,10 +102,34 @@ def _t0_prompt_table() -> Mapping[str, str]:
   return table
 
 
+@functools.cache
+def _bigbench_parent_table() -> Mapping[str, str]:
+  """Maps sanitized BIG-bench subtask names to their task, from the cached index."""
+  try:
+    from elm_jax.data import bigbench  # pylint: disable=g-import-not-at-top
+    if not bigbench.index_path().is_file():
+      return {}  # Building the index scans every file; names alone must do.
+    return {name: bigbench.sanitize_name(entry.task)
+            for name, entry in bigbench.load_index().items()}
+  except (ImportError, OSError, ValueError) as e:
+    logging.info("No BIG-bench index for dataset names (%s); using Task names.", e)
+    return {}
+
+
+def _bigbench_dataset(name: str) -> str:
+  """Returns the BIG-bench task of a sanitized task or subtask name."""
+  from elm_jax.data import bigbench  # pylint: disable=g-import-not-at-top
+  for task in sorted(bigbench.EVAL_TASKS, key=len, reverse=True):
+    if name == task or name.startswith(task + "_"):
+      return task
+  return _bigbench_parent_table().get(name, name)
+
+
 def dataset_of(task_name: str) -> str:
   """Returns the dataset of a prompt Task, from its name.
 
-  - `bigbench_<name>[_score_eval]`: each BIG-bench task is its own dataset.
+  - `bigbench_<name>[_score_eval]`: each BIG-bench task is its own dataset, and
+    the subtasks of a task (`bigbench_<task>_<subtask>`) belong to it.
   - T0 Tasks: the dataset key of `elm_jax.tasks.t0_prompts` (`rte`, `anli_r1`,
     `cos_e`, ...) for P3 Task names, else the P3 naming of the held-out datasets
     (`super_glue_rte_<template>`, `anli_<template>_r1`, ...).
@@ -111,7 +137,7 @@ def dataset_of(task_name: str) -> str:
   """
   base = task_name.removesuffix(_SCORE_EVAL_SUFFIX)
   if base.startswith("bigbench_"):
-    return base.removeprefix("bigbench_")
+    return _bigbench_dataset(base.removeprefix("bigbench_"))
   table = _t0_prompt_table()
   if task_name in table:
     return table[task_name]

@@ -28,7 +28,7 @@ DECODING_METHODS = ("greedy", "beam")
 
 @dataclasses.dataclass(frozen=True)
 class DecodingConfig:
-  """Which search to run and its limits.
+  """Search method and limits of decoding.
 
   Attributes:
     method: "greedy" or "beam".

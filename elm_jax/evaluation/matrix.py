@@ -98,7 +98,7 @@ def _check_settings(cells: Mapping[tuple[str, str], Cell], settings: Mapping[str
   for cell in cells.values():
     if dict(cell.settings) != dict(settings):
       raise ValueError(
-          f"{path} holds cells computed with settings {dict(cell.settings)} (expert "
+          f"{path} contains cells computed with settings {dict(cell.settings)} (expert "
           f"{cell.expert!r}, task {cell.task!r}) but this run uses {dict(settings)}. Use "
           "another output folder, or the same settings to resume.")
 
@@ -114,7 +114,7 @@ def compute_matrix(*, experts: Sequence[str], tasks: Sequence[str], output_dir: 
   Args:
     experts: expert names, passed to `model_provider`.
     tasks: `_score_eval` Task names, passed to `batch_provider`.
-    output_dir: holds `cells.jsonl`.
+    output_dir: the folder of `cells.jsonl`.
     model_provider: expert name -> (model, params).
     batch_provider: task -> packed scoring batches (called once per task).
     settings: what the cells depend on besides expert and task (split,
@@ -216,6 +216,65 @@ def expert_means(cells: Mapping[tuple[str, str], Cell], *,
         metrics={"accuracy": cell.accuracy}))
   return {expert: aggregation.summarize(results).overall["accuracy"]["mean_over_datasets"]
           for expert, results in sorted(by_expert.items())}
+
+
+def expert_model_provider(checkpoint_path: str, expert_dirs: Mapping[str, str | os.PathLike[str]]
+                          ) -> ModelProvider:
+  """Returns a provider that applies the named expert folders onto one base checkpoint.
+
+  The base is loaded and fingerprinted once; each call loads one expert.
+  """
+  from elm_jax.checkpoints import experts as experts_lib  # pylint: disable=g-import-not-at-top
+  from elm_jax.evaluation import model_loading  # pylint: disable=g-import-not-at-top
+
+  config, base_params, _ = model_loading.load_base(checkpoint_path)
+  base_fingerprint = experts_lib.fingerprint(base_params)
+
+  def provide(expert: str) -> tuple[t5.T5, Any]:
+    if expert not in expert_dirs:
+      raise KeyError(f"No expert folder is named {expert!r}; known: {sorted(expert_dirs)}.")
+    expert_config, params, _ = model_loading.apply_expert_folder(
+        config, base_params, os.fspath(expert_dirs[expert]), base_fingerprint=base_fingerprint)
+    return t5.T5(dataclasses.replace(expert_config, dropout_rate=0.0)), params
+
+  return provide
+
+
+def task_batch_provider(*, split: str, batch_size: int, max_examples: int | None = None
+                        ) -> BatchProvider:
+  """Returns a provider of the packed scoring batches of a registered Task split."""
+
+  def provide(task: str) -> list[Mapping[str, np.ndarray]]:
+    examples = scorer_lib.task_examples(task, split=split, max_examples=max_examples)
+    return list(scorer_lib.make_batches(examples, vocabulary=scorer_lib.task_vocabulary(task),
+                                        batch_size=batch_size, task_name=task))
+
+  return provide
+
+
+def run_matrix(*, checkpoint_path: str, experts_root: str | os.PathLike[str],
+               mixture_or_task_name: str, output_dir: str | os.PathLike[str],
+               split: str = "validation", batch_size: int = 16,
+               max_examples: int | None = None,
+               scoring: scorer_lib.ScoringConfig = scorer_lib.ScoringConfig()
+               ) -> dict[tuple[str, str], Cell]:
+  """Evaluates every expert folder under `experts_root` on every Task of a Mixture.
+
+  Expert names are their folder names. See `compute_matrix` for resumption.
+  """
+  expert_dirs = {path.name: path for path in iter_expert_dirs(experts_root)}
+  if not expert_dirs:
+    raise FileNotFoundError(f"{experts_root} contains no expert folders (folders with expert.json). "
+                            "Pass the folder that contains the expert folders.")
+  tasks = scorer_lib.resolve_task_names(mixture_or_task_name)
+  settings = {"checkpoint": os.fspath(checkpoint_path), "split": split,
+              "max_examples": max_examples}
+  return compute_matrix(
+      experts=sorted(expert_dirs), tasks=tasks, output_dir=output_dir,
+      model_provider=expert_model_provider(checkpoint_path, expert_dirs),
+      batch_provider=task_batch_provider(split=split, batch_size=batch_size,
+                                         max_examples=max_examples),
+      settings=settings, scoring=scoring)
 
 
 def iter_expert_dirs(root: str | os.PathLike[str]) -> Iterator[Path]:

@@ -134,3 +134,21 @@ def matrix_heatmap(accuracy: np.ndarray, *, experts: Sequence[str], tasks: Seque
   axes.set_ylabel("expert")
   axes.set_title(title)
   return _save(figure, output_stem)
+
+
+def matrix_figures(matrix_dir: str | os.PathLike[str], *, output_dir: str | os.PathLike[str],
+                   baseline: float | None = None) -> tuple[Path, ...]:
+  """Draws the per-expert figure and the heatmap of a matrix folder (`cells.jsonl`).
+
+  Per-expert means are over datasets of the mean over their prompts; `baseline`
+  is the multitask model's figure on the same tasks, drawn as a line.
+  """
+  from elm_jax.evaluation import matrix  # pylint: disable=g-import-not-at-top
+  cells = matrix.read_cells(matrix_dir)
+  output_dir = Path(output_dir)
+  paths = expert_accuracy_figure(matrix.expert_means(cells), baseline=baseline,
+                                 output_stem=output_dir / "expert_accuracy")
+  accuracy, experts, tasks = matrix.to_array(cells)
+  paths += matrix_heatmap(accuracy, experts=experts, tasks=tasks,
+                          output_stem=output_dir / "expert_task_heatmap")
+  return paths

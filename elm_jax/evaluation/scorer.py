@@ -51,7 +51,7 @@ class ScoringError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ScoringConfig:
-  """How choice scores are normalized; see the module docstring."""
+  """Score normalization settings; see the module docstring."""
   normalization: str = "sum"
   length_penalty_alpha: float = 1.0
 
@@ -230,6 +230,8 @@ def check_choices(example: Mapping[str, Any], *, task_name: str, position: int) 
 def _records_from_batch(batch: Batch, scores: np.ndarray, *, task_name: str
                         ) -> Iterator[dict[str, Any]]:
   prediction = predict(scores, batch["choice_mask"])
+  # `idx` is the example's index in its split; batches without it use example_index.
+  indices = batch.get("idx", batch["example_index"])
   for row, example_index in enumerate(batch["example_index"]):
     if example_index < 0:
       continue  # A padding row.
@@ -238,7 +240,7 @@ def _records_from_batch(batch: Batch, scores: np.ndarray, *, task_name: str
     predicted = int(prediction[row])
     yield {
         "task": task_name,
-        "idx": int(example_index),
+        "idx": int(indices[row]),
         "scores": [float(s) for s in scores[row, :num_choices]],
         "prediction": predicted,
         "correct_choices": [int(c) for c in correct],
@@ -260,76 +262,18 @@ def score_batches(batches: Iterable[Batch], *, scorer: ChoiceScorer, params: Par
   return records
 
 
-def bucket_size(n: int, minimum: int) -> int:
-  """Rounds `n` up to a power of two, at least `minimum`."""
-  size = minimum
-  while size < n:
-    size *= 2
-  return size
-
-
-def pack_batch(examples: Sequence[tuple[Sequence[int], Sequence[Sequence[int]],
-                                        Sequence[bool], int]], *,
-               batch_size: int) -> dict[str, np.ndarray]:
-  """Packs tokenized examples into one scoring batch (docs/architecture.md layout).
-
-  Each example is (input ids with EOS, choice ids each ending in EOS, is_correct,
-  idx). Lengths and the choice count are rounded up to powers of two, so a run
-  compiles once per bucket; rows past the examples are padding (example_index -1).
-  """
-  enc_len = bucket_size(max(len(e[0]) for e in examples), 16)
-  dec_len = bucket_size(max(sum(len(c) for c in e[1]) for e in examples), 16)
-  num_choices = bucket_size(max(len(e[1]) for e in examples), 2)
-  batch = {
-      "encoder_input_tokens": np.zeros((batch_size, enc_len), np.int32),
-      "decoder_input_tokens": np.zeros((batch_size, dec_len), np.int32),
-      "decoder_target_tokens": np.zeros((batch_size, dec_len), np.int32),
-      "decoder_segment_ids": np.zeros((batch_size, dec_len), np.int32),
-      "decoder_positions": np.zeros((batch_size, dec_len), np.int32),
-      "choice_mask": np.zeros((batch_size, num_choices), bool),
-      "is_correct": np.zeros((batch_size, num_choices), bool),
-      "example_index": np.full((batch_size,), -1, np.int32),
-  }
-  for row, (inputs, choices, is_correct, idx) in enumerate(examples):
-    batch["encoder_input_tokens"][row, :len(inputs)] = inputs
-    offset = 0
-    for c, target in enumerate(choices):
-      span = slice(offset, offset + len(target))
-      batch["decoder_target_tokens"][row, span] = target
-      batch["decoder_input_tokens"][row, span] = [0, *target[:-1]]  # Shifted right.
-      batch["decoder_segment_ids"][row, span] = c + 1
-      batch["decoder_positions"][row, span] = np.arange(len(target))
-      offset += len(target)
-    batch["choice_mask"][row, :len(choices)] = True
-    batch["is_correct"][row, :len(choices)] = is_correct
-    batch["example_index"][row] = idx
-  return batch
-
-
 def make_batches(examples: Iterable[Mapping[str, Any]], *, vocabulary, batch_size: int,
-                 task_name: str = "", max_input_length: int | None = None,
-                 eos_id: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Tokenizes the answer choices of scoring examples and packs them into batches.
+                 task_name: str = "") -> Iterator[dict[str, np.ndarray]]:
+  """Packs scoring examples into bucketed batches with the data package's batcher."""
+  from elm_jax.data import feature_converters  # pylint: disable=g-import-not-at-top
 
-  Inputs longer than `max_input_length` keep their first tokens and their EOS.
-  """
-  # TODO: use the scoring converter of elm_jax.data.feature_converters once it
-  # exists; this packing follows the same contract.
-  pending = []
-  for position, example in enumerate(examples):
-    check_choices(example, task_name=task_name, position=position)
-    inputs = [int(t) for t in np.asarray(example["inputs"])]
-    if max_input_length is not None and len(inputs) > max_input_length:
-      inputs = inputs[:max_input_length - 1] + [inputs[-1]]
-    choices = [list(vocabulary.encode(choice)) + [eos_id]
-               for choice in example["answer_choices"]]
-    pending.append((inputs, choices, np.asarray(example["is_correct"], bool),
-                    int(example.get("idx", position))))
-    if len(pending) == batch_size:
-      yield pack_batch(pending, batch_size=batch_size)
-      pending = []
-  if pending:
-    yield pack_batch(pending, batch_size=batch_size)
+  def checked() -> Iterator[Mapping[str, Any]]:
+    for position, example in enumerate(examples):
+      check_choices(example, task_name=task_name, position=position)
+      yield example
+
+  return feature_converters.make_scoring_batches(checked(), vocabulary, batch_size,
+                                                 task_name=task_name or "<unnamed task>")
 
 
 def score_examples(examples: Iterable[Mapping[str, Any]], *, model: t5.T5, params: Params,

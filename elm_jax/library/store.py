@@ -10,9 +10,9 @@ samples/<id>.jsonl        the S instances sampled from the expert's training dat
 embeddings/<id>.npy       their embeddings, float32 or float16 [S, dim]
 ```
 
-A writer takes the lock, deletes files the manifest does not name (the remains of a
-crashed writer), writes new files under a staging folder, fsyncs them, renames them
-into place under names the current manifest does not use, and then replaces
+A writer takes the lock and deletes files the manifest does not name (the remains of
+a crashed writer). It writes new files under a staging folder, fsyncs them and renames
+them into place under names the current manifest does not use. Then it replaces
 `manifest.json` with `os.replace`. A crash before that replace leaves the old
 manifest, which names only old, untouched files; a crash after it leaves the new one.
 Readers read the manifest once and open only the files it names.

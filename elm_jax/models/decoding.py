@@ -119,10 +119,10 @@ def beam_search(params: Params, encoder_input_tokens: Array, *, config: t5.T5Con
   log-probability) are taken. Those among the first num_beams that end in EOS,
   or reach `max_decode_length`, become finished hypotheses scored
   `sum_log_prob / generated_length ** length_penalty`. The num_beams best
-  continuations that do not end become the running beams. A row is done when
-  `early_stopping=True` and num_beams hypotheses have finished; with False or
-  "never" it stops when no running beam can beat the worst finished hypothesis,
-  estimated as transformers does.
+  continuations that do not end become the running beams. With
+  `early_stopping=True` a row is done once num_beams hypotheses have finished.
+  With False or "never" it is done when no running beam can beat the worst
+  finished hypothesis, by transformers' estimate.
 
   Args:
     params: the model parameters.

@@ -22,7 +22,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 # Defaults for library entries and for queries, in tokens.
 LIBRARY_MAX_LENGTH = 256
@@ -30,7 +29,7 @@ QUERY_MAX_LENGTH = 512
 
 
 class Embedder(Protocol):
-  """What the library and the retriever need from a sentence embedder."""
+  """The sentence embedder interface that the library and the retriever use."""
 
   kind: str
   dim: int

@@ -28,7 +28,7 @@ NEG_INF = -1e10
 # Names a LoRA configuration may target, shared with the config validation.
 LORA_TARGETS = ("query", "key", "value", "out", "wi_0", "wi_1", "wi", "wo")
 
-# T5X initializers: fan-in variance scaling everywhere; the query projection is
+# T5X initializers: fan-in variance scaling everywhere. The query projection is
 # further divided by sqrt(d_kv), which is why attention logits are not scaled.
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 mlp_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -49,7 +49,7 @@ def _param(module: nn.Module, name: str, init: Initializer, shape: tuple[int, ..
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-  """The LoRA settings one projection needs (its rank and output scale)."""
+  """LoRA settings of one projection: its rank and output scale."""
   rank: int
   scale: float
 
@@ -253,7 +253,7 @@ def relative_position_bucket(relative_position: np.ndarray, *, bidirectional: bo
 
 
 class RelativePositionBias(nn.Module):
-  """One bias table per stack: `rel_embedding` `[heads, relpos_buckets]`."""
+  """Relative position bias of one stack, table `rel_embedding` `[heads, relpos_buckets]`."""
   num_heads: int
   num_buckets: int
   max_distance: int
@@ -266,7 +266,7 @@ class RelativePositionBias(nn.Module):
 
   @nn.compact
   def __call__(self, query_positions, key_positions) -> Array:
-    """Bias `[batch or 1, heads, q_len, k_len]` in float32.
+    """Returns the bias `[batch or 1, heads, q_len, k_len]` in float32.
 
     Args:
       query_positions: int `[batch or 1, q_len]`, numpy (static) or traced.

@@ -137,7 +137,7 @@ class T5Config:
     return 0 if self.adapter is None else self.d_model // self.adapter.reduction_factor
 
   def to_dict(self) -> dict[str, Any]:
-    """Plain JSON-ready dict (nested configs as dicts or None)."""
+    """Returns a JSON-ready dict (nested configs as dicts or None)."""
     d = dataclasses.asdict(self)
     if d["lora"] is not None:
       d["lora"]["targets"] = list(d["lora"]["targets"])
@@ -145,7 +145,7 @@ class T5Config:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "T5Config":
-    """Inverse of `to_dict`; unknown keys are an error naming them."""
+    """Builds a config from `to_dict` output. Unknown keys raise a ValueError naming them."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -158,7 +158,7 @@ class T5Config:
     return cls(**d)
 
   def num_params_estimate(self) -> int:
-    """Exact parameter count of the model this config builds."""
+    """Returns the exact parameter count of the model this config builds."""
     e, joined, ff = self.d_model, self.num_heads * self.d_kv, self.d_ff
     wis = ("wi_0", "wi_1") if self.feed_forward == "gated-gelu" else ("wi",)
     shapes = {"query": (e, joined), "key": (e, joined), "value": (e, joined),
@@ -203,7 +203,7 @@ def _mask_bias(mask: Array) -> Array:
 
 
 class _Sublayer(nn.Module):
-  """Shared pieces of encoder and decoder layers."""
+  """Base of the encoder and decoder layers: norms, attention, residual, feed-forward."""
   config: T5Config
   deterministic: bool = True
   decode: bool = False
@@ -219,7 +219,7 @@ class _Sublayer(nn.Module):
                                      c.activation_dtype, _lora_specs(c), name=name)
 
   def residual(self, x, y, adapter_name):
-    """Dropout on the sublayer output, its adapter, then the residual add."""
+    """Applies dropout to the sublayer output, then its adapter, then the residual add."""
     y = nn.Dropout(self.config.dropout_rate)(y, deterministic=self.deterministic)
     if adapter_name is not None and self.config.adapter is not None:
       y = layers.Adapter(self.config.adapter_width, self.config.activation_dtype,
@@ -292,6 +292,7 @@ def _positions(length: int) -> np.ndarray:
 
 
 class Encoder(nn.Module):
+  """T5 encoder stack: embedding, layers, final norm (relative positions shared)."""
   config: T5Config
   shared_embedding: nn.Module
 
@@ -324,11 +325,12 @@ def _cached_decode_length(cache: Mapping[str, Any]) -> int:
     names = [getattr(p, "key", None) for p in path]
     if names[-2:] == ["self_attention", "cached_key"]:
       return leaf.shape[-3]
-  raise ValueError("The decoder cache holds no self-attention keys; create it first "
+  raise ValueError("The decoder cache contains no self-attention keys; create it first "
                    "(see the module docstring of elm_jax/models/t5.py).")
 
 
 class Decoder(nn.Module):
+  """T5 decoder stack, teacher-forced or one cached token per call."""
   config: T5Config
   shared_embedding: nn.Module
 
@@ -392,7 +394,7 @@ class Decoder(nn.Module):
 
 
 class T5(nn.Module):
-  """Encoder-decoder T5; see the module docstring for masks and caching."""
+  """Encoder-decoder T5. The module docstring describes masks and caching."""
   config: T5Config
 
   def setup(self):
@@ -414,8 +416,8 @@ class T5(nn.Module):
     """Returns float32 logits `[batch, dec_len, vocab]`."""
     if decode and (decoder_segment_ids is not None or decoder_positions is not None
                    or encoder_segment_ids is not None):
-      raise ValueError("decode=True takes positions from the cache index; pass no "
-                       "segment ids or decoder_positions.")
+      raise ValueError("Invalid arguments: decode=True takes positions from the cache "
+                       "index, so pass no segment ids and no decoder_positions.")
     return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
                         decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
                         decoder_positions, not enable_dropout, decode)
@@ -424,7 +426,7 @@ class T5(nn.Module):
                decoder_target_tokens=None, *, encoder_segment_ids=None,
                decoder_segment_ids=None, encoder_positions=None, decoder_positions=None,
                enable_dropout=False) -> Array:
-    """Teacher-forced logits, float32 `[batch, dec_len, vocab]`."""
+    """Returns teacher-forced logits, float32 `[batch, dec_len, vocab]`."""
     encoded = self.encode(encoder_input_tokens, encoder_segment_ids=encoder_segment_ids,
                           encoder_positions=encoder_positions,
                           enable_dropout=enable_dropout)
@@ -434,7 +436,7 @@ class T5(nn.Module):
                        decoder_positions=decoder_positions, enable_dropout=enable_dropout)
 
 
-# Helpers for callers -----------------------------------------------------------
+# Helpers for callers.
 
 
 def _dummy_batch(batch_size: int, encoder_length: int, decoder_length: int):
@@ -445,14 +447,14 @@ def _dummy_batch(batch_size: int, encoder_length: int, decoder_length: int):
 
 def init_variables(config: T5Config, rng: Array, *, batch_size: int = 1,
                    encoder_length: int = 8, decoder_length: int = 8) -> dict[str, Any]:
-  """`T5(config).init` on a dummy batch; parameters stay boxed with their axis names."""
+  """Initializes `T5(config)` on a dummy batch. Parameters stay boxed with their axis names."""
   enc, dec = _dummy_batch(batch_size, encoder_length, decoder_length)
   return T5(config).init({"params": rng}, enc, dec, dec)
 
 
 def abstract_variables(config: T5Config, *, batch_size: int = 1, encoder_length: int = 8,
                        decoder_length: int = 8) -> dict[str, Any]:
-  """Shapes and logical axes of the variables, without allocating them."""
+  """Returns the shapes and logical axes of the variables without allocating them."""
   return jax.eval_shape(
       lambda rng: init_variables(config, rng, batch_size=batch_size,
                                  encoder_length=encoder_length,
@@ -462,7 +464,7 @@ def abstract_variables(config: T5Config, *, batch_size: int = 1, encoder_length:
 
 def init_params(config: T5Config, rng: Array, *, batch_size: int = 1,
                 encoder_length: int = 8, decoder_length: int = 8) -> dict[str, Any]:
-  """Randomly initialized parameters as a plain nested dict of float32 arrays."""
+  """Returns randomly initialized parameters as a plain nested dict of float32 arrays."""
   init = jax.jit(lambda r: init_variables(config, r, batch_size=batch_size,
                                           encoder_length=encoder_length,
                                           decoder_length=decoder_length))
@@ -470,7 +472,7 @@ def init_params(config: T5Config, rng: Array, *, batch_size: int = 1,
 
 
 def count_params(params: Any) -> int:
-  """Number of scalars in a parameter tree (arrays or shape structs)."""
+  """Counts the scalars in a parameter tree (arrays or shape structs)."""
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
@@ -483,8 +485,16 @@ def _to_dict(tree: Any) -> Any:
 _LAYER_KEY = re.compile(r"layers_(\d+)$")
 
 
+def _stack(*arrays):
+  # Host (numpy) weights stay on the host, so converting a large checkpoint does
+  # not place a second copy of it on the default device.
+  if all(isinstance(x, np.ndarray) for x in arrays):
+    return np.stack(arrays)
+  return jnp.stack(arrays)
+
+
 def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
-  """Unscanned -> scanned layout: `layers_{i}/...` become `layers/...` with axis 0 = layer.
+  """Converts to the scanned layout: `layers_{i}/...` become `layers/...`, axis 0 the layer.
 
   Works on any subtree of the parameters (for example adapter-only trees).
   """
@@ -498,16 +508,18 @@ def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
       out[key] = stack_layers(value) if isinstance(value, Mapping) else value
   if indexed:
     if sorted(indexed) != list(range(len(indexed))):
-      raise ValueError(f"Layer keys are not contiguous from 0: {sorted(indexed)}.")
+      raise ValueError(f"Invalid layer keys: layers_{{i}} must run from 0 without gaps, got "
+                       f"{sorted(indexed)}.")
     if "layers" in out:
-      raise ValueError("A tree holds both 'layers' and 'layers_{i}' keys; it mixes layouts.")
+      raise ValueError("Invalid parameter tree: it contains both 'layers' and 'layers_{i}' "
+                       "keys, so it mixes the scanned and unscanned layouts.")
     per_layer = [_to_dict(indexed[i]) for i in range(len(indexed))]
-    out["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_layer)
+    out["layers"] = jax.tree_util.tree_map(_stack, *per_layer)
   return out
 
 
 def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
-  """Scanned -> unscanned layout, the inverse of `stack_layers`."""
+  """Converts to the unscanned layout, the inverse of `stack_layers`."""
   out = {}
   for key, value in params.items():
     if key == "layers":

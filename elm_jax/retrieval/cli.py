@@ -110,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.replace(temp, args.output)
     print(f"Wrote {args.output}.")
   if args.heatmap:
-    plots.plot_heatmap(np.stack(profiles), targets=targets,
+    labels = [Path(t).name if t in args.instances else t for t in targets]
+    plots.plot_heatmap(np.stack(profiles), targets=labels,
                        experts=selector.index.expert_ids, output=args.heatmap,
                        metric=args.heatmap_metric)
     print(f"Wrote {args.heatmap}.")

@@ -104,9 +104,20 @@ class _Layout:
 
 
 def _layout(num_rows: int, shards: int, chunk_size: int, k: int) -> _Layout:
+  """Splits rows into equal chunks of at most about `chunk_size` and at least k rows.
+
+  When some chunk count near the smallest one divides the rows exactly (in chunks of
+  a multiple of 8 rows), that count is used, so no padded copy of the keys is needed.
+  """
   per_shard = math.ceil(num_rows / shards)
-  chunk = max(min(chunk_size, -(-per_shard // 8) * 8), k)
-  return _Layout(shards, chunk, max(1, math.ceil(per_shard / chunk)))
+  fewest = max(1, math.ceil(per_shard / chunk_size))
+  if per_shard * shards == num_rows:
+    for count in range(fewest, fewest + 16):
+      chunk = per_shard // count
+      if chunk * count == per_shard and chunk % 8 == 0 and chunk >= k:
+        return _Layout(shards, chunk, count)
+  chunk = max(-(-math.ceil(per_shard / fewest) // 8) * 8, k)
+  return _Layout(shards, chunk, math.ceil(per_shard / chunk))
 
 
 class Retriever:
@@ -132,8 +143,11 @@ class Retriever:
     self.precision = precision
     shards = mesh.shape[axis_name] if mesh is not None else 1
     self.layout = _layout(self.num_rows, shards, chunk_size, min(max_k, self.num_rows))
-    padded = np.zeros((self.layout.padded_rows, self.dim), keys.dtype)
-    padded[:self.num_rows] = keys
+    if self.layout.padded_rows == self.num_rows:
+      padded = keys
+    else:
+      padded = np.zeros((self.layout.padded_rows, self.dim), keys.dtype)
+      padded[:self.num_rows] = keys
     if mesh is None:
       self.keys = jax.device_put(padded)
     else:

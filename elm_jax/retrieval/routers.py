@@ -193,7 +193,8 @@ def route_oracle(matrix: dict[str, dict[str, float]], prompt: str, *,
                  expert_ids: Sequence[str] | None = None) -> RoutingDecision:
   """The oracle: the expert with the best measured accuracy on `prompt`.
 
-  Ties go to the lexicographically smallest id. `votes` holds the accuracies.
+  Ties go to the lexicographically smallest id. `votes` holds the accuracies and
+  `margin` is the accuracy difference to the runner-up.
   """
   candidates = {e: row[prompt] for e, row in matrix.items()
                 if prompt in row and (expert_ids is None or e in expert_ids)}
@@ -209,4 +210,4 @@ def route_oracle(matrix: dict[str, dict[str, float]], prompt: str, *,
   return RoutingDecision(expert=ids[winner], votes={e: candidates[e] for e in ranked},
                          margin=float(candidates[ids[winner]] - second), tie=bool(tied),
                          tied_experts=tuple(ids[e] for e in tied),
-                         tie_break="id" if tied else None, method="oracle")
+                         tie_break=tie_break, method="oracle")

@@ -63,6 +63,7 @@ class StepReporter:
     self._sums: dict[str, float] = {}
     self._count = 0
     self._last_rates = {"steps_per_sec": 0.0, "tokens_per_sec": 0.0}
+    self._timing_started = False
     self._bar = None
     if config.progress_bar and sys.stderr.isatty() and jax.process_index() == 0:
       import tqdm  # pylint: disable=g-import-not-at-top
@@ -79,6 +80,12 @@ class StepReporter:
       self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
 
     now = time.perf_counter()
+    if not self._timing_started:
+      # The first step includes compilation: rates start after it.
+      self._timing_started = True
+      self._window_start_time = now
+      self._window_start_step = step
+      self._last_log_time = now
     window_steps = step - self._window_start_step
     is_summary_step = (step % self._config.summary_every_steps == 0 or
                        step == self._total_steps)

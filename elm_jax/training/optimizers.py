@@ -15,7 +15,7 @@ Two ways to keep frozen parameters frozen:
    computed for the whole tree.
 2. `split_trainable(params, mask)` gives `(trainable, frozen)`. The train step
    differentiates the loss with respect to `trainable` only and calls
-   `merge_params(trainable, frozen)` inside the loss, and the optimizer sees
+   `merge_params(trainable, frozen)` inside the loss, and the optimizer updates
    only `trainable`. This also skips the frozen weights' gradient buffers and
    is what adapter training should use (see benchmarks/adapter_vs_full.py).
 
@@ -300,7 +300,8 @@ def merge_params(trainable: PyTree, frozen: PyTree) -> dict[str, Any]:
   overlap = flat_trainable.keys() & flat_frozen.keys()
   if overlap:
     names = sorted("/".join(k) for k in overlap)[:5]
-    raise ValueError(f"Parameters both trainable and frozen: {names}.")
+    raise ValueError(f"Parameters in both the trainable and the frozen tree: {names}. "
+                     "Build the two trees with split_trainable.")
   return traverse_util.unflatten_dict({**flat_frozen, **flat_trainable})
 
 
@@ -333,6 +334,6 @@ class OptimizerConfig:
     return trainable_mask(params, self.mode, train_layer_norms=self.train_layer_norms)
 
   def build(self, *, mask: PyTree | None = None) -> optax.GradientTransformation:
-    """Return the transformation; pass `mask` to update a full tree (way 1)."""
+    """Return the transformation; pass `mask` to update the full parameter tree."""
     return make_optimizer(self.optimizer, mask=mask, clip_norm=self.clip_norm,
                           accumulation_steps=self.accumulation_steps)

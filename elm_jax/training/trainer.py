@@ -208,6 +208,12 @@ def train(*,
   # Model, optimizer and partitioning.
   device_mesh = mesh.build()
   rules = mesh.axis_rules
+  data_ways = device_mesh.shape["data"]
+  if batch_size % data_ways or num_microbatches < 1 or (batch_size // num_microbatches) % data_ways:
+    raise ValueError(
+        f"batch_size={batch_size} with num_microbatches={num_microbatches} does not split "
+        f"over the {data_ways}-way data axis of the mesh: each microbatch needs a "
+        f"multiple of {data_ways} rows. Change batch_size or the mesh (MESH_DATA).")
   logging.info("Mesh %s over %d devices in %d processes.", dict(device_mesh.shape),
                device_mesh.size, jax.process_count())
   schedule = _make_schedule(learning_rate, train_steps)
