@@ -13,7 +13,9 @@ One run on one machine compares side by side:
   sentence-transformers (PyTorch) on CPU.
 
 Usage: python benchmarks/retrieval.py [--quick]   (--quick skips 3M rows)
-Prints a Markdown section; --output also writes it to a file.
+Prints a Markdown section; --output also writes it to a file. The 3M-row case holds
+two 4.6 GB copies of the keys at once (numpy and JAX, then numpy and FAISS), so it
+needs about 10 GB of free memory.
 """
 
 import argparse
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
   results = []
   for rows in sizes:
     results.append(bench_size(rows, args.repeats))
-    print(f"{rows} rows done", file=sys.stderr)
+    print(f"{rows} rows: " + json.dumps(results[-1]), file=sys.stderr, flush=True)
   embedding = bench_embedding(args.sentences)
   text = render(results, peak, embedding, argv)
   print(text)

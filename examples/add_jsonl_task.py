@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="Folder for the JSON lines files; default: a new temporary folder.")
   args = parser.parse_args(argv)
 
-  # Imported here so that --help answers without loading TensorFlow.
+  # Imported here so that --help prints without loading TensorFlow.
   import seqio  # pylint: disable=g-import-not-at-top
   from elm_jax.data import vocab  # pylint: disable=g-import-not-at-top
   from elm_jax.tasks import promptsource  # pylint: disable=g-import-not-at-top

@@ -14,9 +14,9 @@ promptsource's filters and rendering rules:
   afterwards;
 - hyphens in field names become underscores (`sentence-1` -> `sentence_1`), as P3
   did before applying templates;
-- filters: `choice` (a random element; here drawn from a seeded generator, so a
-  rerun renders the same text), `most_frequent` (the list of elements that occur
-  most often) and `highlight` (wraps text in an HTML span).
+- filters: `choice` returns a random element, drawn here from a seeded generator
+  so that a rerun renders the same text. `most_frequent` returns the list of
+  elements that occur most often, and `highlight` wraps text in an HTML span.
 
 `register_prompted_task` turns raw examples (JSON lines files or a TFDS dataset)
 and one template into a training Task and a `_score_eval` Task.
@@ -204,14 +204,14 @@ def parse_prompt_id(prompt_id: str) -> tuple[str, str | None, str]:
 
 
 def highlight(text: Any) -> str:
-  """promptsource's `highlight` filter: wraps the text in a coloured HTML span."""
+  """Wraps the text in a coloured HTML span, as promptsource's `highlight` filter does."""
   return f"<span style='color: #F08080'>{text}</span>"
 
 
 def most_frequent(items: Iterable[Any]) -> list[Any] | None:
-  """promptsource's `most_frequent` filter.
+  """Returns the most frequent items, as promptsource's `most_frequent` filter does.
 
-  Returns every item that occurs the maximum number of times, in order of first
+  The result lists every item that occurs the maximum number of times, in order of first
   occurrence, or None for an empty input.
   """
   counts = collections.Counter(items)
@@ -292,7 +292,7 @@ class TemplateRenderError(ValueError):
     self.reason = reason
 
 
-# What a template may raise on an example it does not fit: a missing field, an
+# Exceptions of a template that does not fit an example: a missing field, an
 # index past the end of a list, a type it cannot format, a sandbox violation.
 _RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, IndexError, KeyError,
                   AttributeError, ZeroDivisionError, OverflowError)
@@ -355,7 +355,7 @@ def apply_template(template: Template, example: Mapping[str, Any], *,
 
 @dataclasses.dataclass
 class RenderCounts:
-  """How many examples a template rendered and skipped, by skip reason."""
+  """Counts of the examples a template rendered and skipped, by skip reason."""
   rendered: int = 0
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -430,9 +430,13 @@ def _to_python(value: Any) -> Any:
 
 
 def read_tfds(name: str, split: str, *, data_dir: str | None = None) -> Iterator[dict[str, Any]]:
-  """Yields the examples of a TFDS split as Python values (bytes decoded as UTF-8)."""
+  """Yields the examples of a prepared TFDS split as Python values (bytes decoded as UTF-8).
+
+  Nothing is downloaded: an unprepared dataset raises TFDS's error, which names
+  the data folder it searched.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  dataset = tfds.load(name, split=split, data_dir=data_dir, shuffle_files=False)
+  dataset = tfds.load(name, split=split, data_dir=data_dir, shuffle_files=False, download=False)
   for example in tfds.as_numpy(dataset):
     yield _to_python(example)
 
@@ -537,9 +541,10 @@ def register_prompted_task(
 
   The raw examples come from JSON lines files or from TFDS, never from P3. The
   Task `name` yields tokenized `inputs` and `targets` plus `inputs_pretokenized`,
-  `targets_pretokenized`, `answer_choices` and `idx`; `<name>_score_eval` yields
-  the scoring features (`answer_choices`, `is_correct`, `idx`, and `targets` set
-  to the first correct choice). Registering a name again replaces the Task.
+  `targets_pretokenized`, `answer_choices` and `idx`. The Task
+  `<name>_score_eval` yields the scoring features: `answer_choices`,
+  `is_correct`, `idx`, and `targets` set to the first correct choice.
+  Registering a name again replaces the Task.
 
   Args:
     name: the Task name (letters, digits, `_`, `.`, `:`).

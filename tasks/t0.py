@@ -5,7 +5,7 @@ per prompt: `<p3_dir>/data/<task>/` with `<split>.tfrecord-00000-of-00001` and,
 per split, `info.<split>.json` (feature shapes and dtypes) and `stats.<split>.json`
 (`examples`, token counts). `<task>` is the prompt's P3 task name, for example
 `super_glue_rte_GPT_3_style` (see `t0_prompts.p3_task_name`). Scoring variants,
-`<task>_score_eval`, hold one record per (example, answer choice) with
+`<task>_score_eval`, contain one record per (example, answer choice) with
 `answer_choices`, `idx` ([example index, choice index]), `is_correct` and
 `weight`. elm-jax does not download P3; users fetch it themselves.
 
@@ -286,7 +286,8 @@ class P3DataSource(seqio.DataSource):
   Training records become `{"inputs", "targets"}` strings (the `_pretokenized`
   text). A score_eval source groups the per-choice records of each example into
   one example with `answer_choices`, `is_correct` (per choice), `idx` and
-  `targets` (the first correct choice), in `idx` order.
+  `targets` (the first correct choice), in `idx` order. `num_input_examples`
+  counts records, so for a score_eval source it counts (example, choice) pairs.
   """
 
   def __init__(self, task_name: str, *, p3_dir: str | os.PathLike[str] | None = None,
@@ -359,7 +360,7 @@ class DatasetRate:
   """The mixing-rate function of the prompts of one dataset, read lazily from P3.
 
   A dataset's example count is the largest count among its prompts, because each
-  prompt's file holds one record per dataset example that the template renders.
+  prompt's file contains one record per dataset example that the template renders.
   """
   dataset: T0Dataset
   p3_dir: str | None = None
@@ -442,8 +443,8 @@ def register_p3_task(name: str, *, p3_dir: str | os.PathLike[str] | None = None,
                      splits: tuple[str, ...] = P3_SPLITS) -> str:
   """Registers one P3-format folder, `<p3_dir>/data/<task_name>`, as the Task `name`.
 
-  A `task_name` ending in `_score_eval` is read as a scoring folder (one record
-  per answer choice) and yields the scoring features. Registering a name again
+  A `task_name` ending in `_score_eval` is read as a scoring folder, with one
+  record per (example, choice), and the Task yields the scoring features. Registering a name again
   replaces the Task. Nothing is read until a dataset is built.
 
   Args:

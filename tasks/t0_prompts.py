@@ -4,10 +4,10 @@ This module is data only: it reads no files. Names follow promptsource 0.2.3
 (`dataset`, `subset`, template `name` in `<dataset>[/<subset>]/templates.yaml`)
 and the P3 release, whose folder for a prompt is `p3_task_name(...)`.
 
-The training collection is the one of T0 (Sanh et al., 2021, "Multitask Prompted
-Training Enables Zero-Shot Task Generalization") as the Expert Language Models
-paper (Jang et al., ICML 2023) uses it: 36 datasets with 296 prompts, one Prompt
-Expert per prompt and one Dataset Expert per dataset. The evaluation collection is
+The training collection is T0's (Sanh et al., 2021, "Multitask Prompted Training
+Enables Zero-Shot Task Generalization"), as the Expert Language Models paper (Jang
+et al., ICML 2023) uses it. It has 36 datasets with 296 prompts, and the paper
+trains one Prompt Expert per prompt and one Dataset Expert per dataset. The evaluation collection is
 T0's 11 held-out datasets with 113 prompts; the three ANLI rounds share the 15
 ANLI templates of promptsource and differ in their split (`dev_r1`, `dev_r2`,
 `dev_r3`).
@@ -623,10 +623,13 @@ def _by_key(datasets: tuple[T0Dataset, ...], key: str, kind: str) -> T0Dataset:
 
 
 def train_prompt_ids() -> tuple[str, ...]:
-  """The 296 training prompts as `dataset[/subset]@template`."""
+  """Returns the 296 training prompts as `dataset[/subset]@template`."""
   return tuple(d.prompt_id(t) for d in TRAIN_DATASETS for t in d.prompts)
 
 
 def eval_prompt_ids() -> tuple[str, ...]:
-  """The 113 evaluation prompts as `dataset[/subset]@template`; ANLI prompts repeat per round."""
+  """Returns the 113 evaluation prompts as `dataset[/subset]@template`.
+
+  The 15 ANLI prompts appear once per round.
+  """
   return tuple(d.prompt_id(t) for d in EVAL_DATASETS for t in d.prompts)

@@ -3,9 +3,9 @@
 `write_t0_collection` writes every prompt of the T0 collection as
 `<p3_dir>/data/<task>/<split>.tfrecord-00000-of-00001` with `info.<split>.json`
 and `stats.<split>.json`, like the P3 release. Training prompts get
-`(inputs, targets)` records; evaluation prompts get `_score_eval` records, one
-per (example, answer choice), written in reverse order so that readers cannot
-rely on the choices of one example being adjacent.
+`(inputs, targets)` records. Evaluation prompts get `_score_eval` records, one
+per (example, answer choice), written in reverse order, so a reader that expects
+the choices of one example to be adjacent fails.
 
 The `inputs` and `targets` token ids stand in for T5's ids (UTF-8 bytes + 3);
 the Tasks ignore them and tokenize the `_pretokenized` text.
@@ -413,7 +413,7 @@ def write_t0_collection(p3_dir: str | os.PathLike[str], *,
                         claimed_examples: Mapping[str, int] | None = None) -> T0Fixture:
   """Writes all 296 training prompts and 113 evaluation prompts in P3's layout.
 
-  Prompt j of a dataset holds that dataset's examples rotated by j, so prompts of
+  Prompt j of a dataset contains that dataset's examples rotated by j, so prompts of
   one dataset differ in their first example. `claimed_examples` maps a training
   dataset key to the `examples` its stats.train.json files claim, for testing
   the mixing rule on oversized datasets.

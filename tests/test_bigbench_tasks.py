@@ -177,6 +177,25 @@ def test_register_fake_tasks(fake_cache, small_vocab):
   assert rates["bigbench_plain"] == 30.0
 
 
+def test_fake_held_in_mixture_yields_packed_batch(fake_cache, small_vocab):
+  bigbench_tasks.register(fake_cache, vocabulary=small_vocab)
+  batch = next(feature_converters.training_dataset(
+      bigbench_tasks.HELD_IN_MIXTURE, task_feature_lengths={"inputs": 32, "targets": 8},
+      batch_size=3, seed=5).as_numpy_iterator())
+  assert batch["decoder_target_tokens"].shape == (3, 8)
+  assert batch["encoder_segment_ids"].max() >= 1
+
+
+def test_split_files_cached(fake_cache):
+  entry = bigbench.load_index(fake_cache)["plain"]
+  path = fetch.artifact_dir("bigbench", fake_cache) / entry.path
+  splits_dir = bigbench.split_cache_dir(fake_cache)
+  first = bigbench.read_split(path, "train", 9, cache_dir=splits_dir)
+  assert len(list(splits_dir.glob("*.train.9.json"))) == 1
+  bigbench.read_split.cache_clear()
+  assert bigbench.read_split(path, "train", 9, cache_dir=splits_dir) == first
+
+
 def test_register_is_idempotent(fake_cache, small_vocab):
   first = bigbench_tasks.register(fake_cache, vocabulary=small_vocab)
   assert bigbench_tasks.register(fake_cache, vocabulary=small_vocab) == first
@@ -271,6 +290,7 @@ def test_eval_mixture_yields_examples(real_tasks, name):
   assert example["answer_choices"].size == example["is_correct"].size
 
 
+@pytest.mark.slow  # The first read parses all 1.7 GB of task files.
 def test_held_in_mixture_yields_packed_batch(real_tasks):
   batch = next(feature_converters.training_dataset(
       bigbench_tasks.HELD_IN_MIXTURE, task_feature_lengths={"inputs": 128, "targets": 16},

@@ -104,7 +104,8 @@ def test_p3_names_unique_after_sanitizing():
 
 @pytest.mark.parametrize("dataset,subset,template,suffix,score_eval,expected", [
     ("super_glue", "rte", "GPT-3 style", "", False, "super_glue_rte_GPT_3_style"),
-    ("super_glue", "wsc.fixed", "p is/are r", "", True, "super_glue_wsc.fixed_p_is_are_r_score_eval"),
+    ("super_glue", "wsc.fixed", "p is/are r", "", True,
+     "super_glue_wsc.fixed_p_is_are_r_score_eval"),
     ("super_glue", "copa", "C1 or C2? premise, so/because\u2026", "", True,
      "super_glue_copa_C1_or_C2_premise_so_because__score_eval"),
     ("anli", None, "GPT-3 style", "_r2", True, "anli_GPT_3_style_r2_score_eval"),

@@ -324,8 +324,8 @@ def test_import_registers_without_reading_files(tmp_path):
       "  task.source.list_shards('train')\n"
       "except t0.P3DataError as e:\n"
       "  print('error', e)\n")
-  env = {**os.environ, t0.P3_DIR_ENV: str(tmp_path / "p3"), "ELM_JAX_CACHE": str(tmp_path / "cache"),
-         "TF_CPP_MIN_LOG_LEVEL": "2"}
+  env = {**os.environ, t0.P3_DIR_ENV: str(tmp_path / "p3"),
+         "ELM_JAX_CACHE": str(tmp_path / "cache"), "TF_CPP_MIN_LOG_LEVEL": "2"}
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]

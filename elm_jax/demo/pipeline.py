@@ -177,6 +177,8 @@ class Demo:
     self._vocabulary = None
     self._base = None  # (T5Config, params)
     self._embedder = None
+    self._template = None
+    self._records: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
 
   # Paths.
   @property
@@ -375,20 +377,35 @@ class Demo:
     return {"library_dir": str(self.library_dir), "experts": list(library.expert_ids),
             "rows": int(sum(len(library.samples(e)) for e in library.expert_ids))}
 
-  def leaf_tasks(self, name: str) -> list[str]:
-    """The scoring Tasks of a BIG-bench task: itself, or its subtasks."""
-    from elm_jax.evaluation import scorer  # pylint: disable=g-import-not-at-top
-    return scorer.resolve_task_names(score_task(name))
+  def records(self, name: str, split: str, limit: int) -> list[dict[str, Any]]:
+    """Scoring records of a BIG-bench task (its subtasks pooled), at most `limit`.
+
+    Each file contributes an equal share, chosen by BIG-bench's fixed split-hash
+    sample rather than file order, because several task files list their examples
+    grouped by answer.
+    """
+    from elm_jax.data import bigbench as bigbench_data  # pylint: disable=g-import-not-at-top
+    from elm_jax.data import fetch  # pylint: disable=g-import-not-at-top
+    key = (name, split, limit)
+    if key not in self._records:
+      index = bigbench_data.load_index()
+      entries = sorted((e for e in index.values() if e.task == name), key=lambda e: e.name)
+      if not entries:
+        raise ValueError(f"No BIG-bench multiple-choice task file for task {name!r}.")
+      root = fetch.artifact_dir("bigbench")
+      per_file = -(-limit // len(entries))
+      records = []
+      for entry in entries:
+        records.extend(bigbench_data.read_split(
+            root / entry.path, split, per_file, cache_dir=bigbench_data.split_cache_dir()))
+      self._records[key] = records[:limit]
+    return self._records[key]
 
   def eval_instances(self, name: str):
-    """Unlabeled instances of an evaluation task, at most eval_max_examples in all."""
+    """Unlabeled instances (input and choices) of an evaluation task."""
     from elm_jax.library import instances as instances_lib  # pylint: disable=g-import-not-at-top
-    leaves = self.leaf_tasks(name)
-    per_leaf = -(-self.config.eval_max_examples // len(leaves))
-    instances = []
-    for leaf in leaves:
-      instances.extend(instances_lib.task_instances(leaf, "all", limit=per_leaf))
-    return instances[:self.config.eval_max_examples]
+    return [instances_lib.Instance(r["inputs_pretokenized"], tuple(r["answer_choices"]))
+            for r in self.records(name, "all", self.config.eval_max_examples)]
 
   def stage_audit(self, _) -> dict[str, Any]:
     from elm_jax.library import audit  # pylint: disable=g-import-not-at-top
@@ -432,16 +449,25 @@ class Demo:
   # Evaluation.
 
   def _expert_model(self, expert_dir: str | Path):
-    """Returns (model, params) of an expert folder applied onto the base."""
+    """Returns (model, params) of an expert folder applied onto the base.
+
+    Every model is built with the experts' adapter config, so one compilation of
+    the scorer serves all of them. A model without adapters (the multitask model)
+    gets freshly initialized ones, whose zero up-projection makes each adapter the
+    identity, so its scores are exactly those of the model without adapters.
+    """
     from elm_jax.checkpoints import experts as experts_lib  # pylint: disable=g-import-not-at-top
     _, base_params = self.base()
-    metadata, params = experts_lib.load_expert(expert_dir)
-    model_config = t5.T5Config(**_config_fields(metadata.model_config))
-    if metadata.trainable == "full":
-      return t5.T5(model_config), params
-    template = t5.init_params(model_config, jax_random_key(self.config.seed))
+    _, params = experts_lib.load_expert(expert_dir)
+    model_config = self.expert_config()
+    template = self._adapter_template()
     full = experts_lib.apply_expert(experts_lib.apply_expert(template, base_params), params)
     return t5.T5(model_config), full
+
+  def _adapter_template(self):
+    if self._template is None:
+      self._template = t5.init_params(self.expert_config(), jax_random_key(self.config.seed))
+    return self._template
 
   def _model_provider(self, summaries):
     merged_root = self.run_dir / "merged"
@@ -456,22 +482,24 @@ class Demo:
 
   def _batch_provider(self):
     """Scoring batches of `<task>` (evaluation, split `all`) or `heldin=<task>`."""
+    from elm_jax.data import feature_converters  # pylint: disable=g-import-not-at-top
     from elm_jax.evaluation import scorer  # pylint: disable=g-import-not-at-top
     vocabulary = self.vocabulary()
 
     def provide(task: str):
       held_in = task.startswith("heldin=")
       name = task.split("=", 1)[1] if held_in else task
-      split = "validation" if held_in else "all"
-      limit = self.config.held_in_max_examples if held_in else self.config.eval_max_examples
-      leaves = self.leaf_tasks(name)
-      per_leaf = -(-limit // len(leaves))
-      examples = []
-      for leaf in leaves:
-        examples.extend(scorer.task_examples(leaf, split=split, max_examples=per_leaf))
-      return scorer.make_batches(examples[:limit], vocabulary=vocabulary,
-                                 batch_size=self.config.eval_batch_size,
-                                 task_name=score_task(name))
+      if held_in:
+        examples = self.records(name, "validation", self.config.held_in_max_examples)
+      else:
+        examples = self.records(name, "all", self.config.eval_max_examples)
+      for position, example in enumerate(examples):
+        scorer.check_choices(example, task_name=score_task(name), position=position)
+      # Coarse buckets: a few more padded positions, far fewer compilations.
+      return feature_converters.make_scoring_batches(
+          examples, vocabulary, self.config.eval_batch_size,
+          enc_buckets=(128, 512, 2048), dec_buckets=(64, 256, 1024, 4096),
+          choice_buckets=(4, 16, 64, 256), task_name=score_task(name))
     return provide
 
   def _matrix(self, summaries, *, experts: Sequence[str], tasks: Sequence[str], folder: str):
@@ -522,18 +550,6 @@ class Demo:
 def jax_random_key(seed: int):
   import jax  # pylint: disable=g-import-not-at-top
   return jax.random.PRNGKey(seed)
-
-
-def _config_fields(value: dict[str, Any]) -> dict[str, Any]:
-  """Rebuilds nested adapter/LoRA configs of a T5Config stored as a dict."""
-  fields = dict(value)
-  if isinstance(fields.get("adapter"), dict):
-    fields["adapter"] = t5.AdapterConfig(**fields["adapter"])
-  if isinstance(fields.get("lora"), dict):
-    lora = dict(fields["lora"])
-    lora["targets"] = tuple(lora.get("targets", ()))
-    fields["lora"] = t5.LoraConfig(**lora)
-  return fields
 
 
 def _safe_id(name: str) -> str:

@@ -102,8 +102,14 @@ def build_results(config: pipeline.DemoConfig, summaries: Mapping[str, Any]) -> 
 
 
 def _audit_counts(audit: Mapping[str, Any]) -> dict[str, Any]:
-  """The audit's counts without its example texts."""
-  return {k: v for k, v in audit.items() if not isinstance(v, (list, tuple))}
+  """The audit's counts, without example texts or paths (which differ between runs)."""
+  counts: dict[str, Any] = {}
+  for key, value in audit.items():
+    if isinstance(value, Mapping):
+      counts[key] = {k: v for k, v in value.items() if isinstance(v, (int, float, dict))}
+    elif isinstance(value, (int, float)) and key != "generation":
+      counts[key] = value
+  return counts
 
 
 def _fmt(value: float) -> str:

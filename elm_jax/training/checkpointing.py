@@ -269,16 +269,26 @@ def load_trained_params(path: str) -> tuple[t5.T5Config, dict[str, Any]]:
   model_dir, step_dir = found
   with open(os.path.join(model_dir, MODEL_CONFIG_FILE), encoding="utf-8") as f:
     saved_config = t5.T5Config.from_dict(json.load(f))
-  checkpointer = ocp.StandardCheckpointer()
-  params = checkpointer.restore(os.path.join(step_dir, "trainable"))
+  params = _restore_on_host(os.path.join(step_dir, "trainable"))
   if os.path.isdir(os.path.join(step_dir, "frozen")):
-    frozen = checkpointer.restore(os.path.join(step_dir, "frozen"))
+    frozen = _restore_on_host(os.path.join(step_dir, "frozen"))
     params = train_state_lib.merge_params(params, frozen)
   elif saved_config.adapter is not None or saved_config.lora is not None:
     raise loading.CheckpointError(
         f"{step_dir} holds only the adapter or LoRA parameters (saved with "
         "save_frozen=False); load its base checkpoint and apply the expert instead.")
-  return saved_config, jax.tree.map(np.asarray, params)
+  return saved_config, params
+
+
+def _restore_on_host(path: str) -> Any:
+  """Restore a StandardSave item as numpy arrays, whatever mesh wrote it."""
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(path)
+  tree = getattr(metadata, "item_metadata", None)
+  tree = metadata if tree is None else tree
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  return jax.tree.map(np.asarray, checkpointer.restore(path, target))
 
 
 def _is_adapter_or_lora(name: str) -> bool:
