@@ -148,7 +148,9 @@ def render(results: list[dict], peak: float, embedding: dict, argv: list[str]) -
       f"Machine: {cpu}, {os.cpu_count()} cores, {jax.devices()[0].platform} "
       f"({len(jax.devices())} JAX devices); jax {jax.__version__}, numpy "
       f"{np.__version__}, faiss-cpu {faiss.__version__}  ",
-      f"Date: {datetime.date.today().isoformat()}  ",
+      f"Date: {datetime.date.today().isoformat()}; load average at the end "
+      f"{os.getloadavg()[0]:.1f} (above the core count means other processes shared "
+      "the CPU and the figures are noisy)  ",
       f"Measured float32 matmul peak (2048^3 `jnp.dot` alone): {peak:.0f} GFLOP/s",
       "",
       f"Exact top-{K}, {QUERIES} queries, dimension {DIM}; median seconds (GFLOP/s, "

@@ -8,9 +8,9 @@ update (lr 1e-4, weight decay 0.01). The JAX step is jitted with the train state
 donated. JAX runs twice, with default XLA flags and with
 `--xla_cpu_experimental_ynn_fusion_type=dot`.
 
-Each framework runs in its own worker process (XLA flags are per process) and
-the parent interleaves single steps round-robin, so load changes on the machine
-hit all of them alike; the median step time is reported. A forward-only pass
+Each framework runs in its own worker process, because XLA flags are per
+process. The parent interleaves single steps round-robin, so load changes on the
+machine hit all of them alike, and reports the median step time. A forward-only pass
 (same loss, no gradient) is timed the same way, which splits each step into
 forward and backward + update.
 
@@ -49,7 +49,7 @@ COMMON = dict(relative_attention_num_buckets=32, relative_attention_max_distance
 
 
 def make_batch(size):
-  """The same numpy batch in every worker (fixed seed)."""
+  """Builds the same numpy batch in every worker (fixed seed)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   spec = SIZES[size]
   rng = np.random.default_rng(0)
@@ -250,7 +250,7 @@ def main(argv=None):
   flops = infos[0]["flops"]
   cfg = spec["config"]
   lines = [
-      f"## T5 v1.1 training step: elm-jax vs Hugging Face PyTorch (benchmarks/t5_train_step.py)",
+      "## T5 v1.1 training step: elm-jax vs Hugging Face PyTorch (benchmarks/t5_train_step.py)",
       "",
       f"Command: `python benchmarks/t5_train_step.py{' --quick' if args.quick else ''}`  ",
       f"Machine: {describe_machine()}, {platform.system()}; load average "

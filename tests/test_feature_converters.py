@@ -38,9 +38,9 @@ def fixture_packing_task():
   seqio.TaskRegistry.remove(TASK)
 
 
-def _packed_batches(pack=True):
+def _packed_batches(pack=True, batch_size=3):
   dataset = fc.training_dataset(TASK, task_feature_lengths={"inputs": 40, "targets": 12},
-                                batch_size=3, shuffle=False, num_epochs=1, pack=pack)
+                                batch_size=batch_size, shuffle=False, num_epochs=1, pack=pack)
   return list(dataset.as_numpy_iterator())
 
 
@@ -50,12 +50,11 @@ def _segments(tokens, segment_ids):
 
 def test_packing_keeps_every_example_once(packing_task):
   found = []
-  for batch in _packed_batches():
-    for row in range(batch["encoder_input_tokens"].shape[0]):
-      inputs = _segments(batch["encoder_input_tokens"][row], batch["encoder_segment_ids"][row])
-      targets = _segments(batch["decoder_target_tokens"][row], batch["decoder_segment_ids"][row])
-      assert len(inputs) == len(targets)
-      found.extend(zip(map(tuple, inputs), map(tuple, targets)))
+  for row in _packed_batches(batch_size=None):  # Unbatched: nothing is dropped.
+    inputs = _segments(row["encoder_input_tokens"], row["encoder_segment_ids"])
+    targets = _segments(row["decoder_target_tokens"], row["decoder_segment_ids"])
+    assert len(inputs) == len(targets)
+    found.extend(zip(map(tuple, inputs), map(tuple, targets)))
   expected = [(tuple(e["inputs"].tolist() + [1]), tuple(e["targets"].tolist() + [1]))
               for e in packing_task]
   assert sorted(found) == sorted(expected)

@@ -97,3 +97,13 @@ def test_unknown_task_lists_nearest(model_gin, tmp_path):
 def test_task_modules_import_error_names_module():
   with pytest.raises(ImportError, match="no_such_task_module"):
     train_script.import_task_modules(["no_such_task_module"])
+
+
+def test_shipped_model_with_prompt_expert(tmp_path):
+  gin_utils.parse_gin(["models/t5_1_1/tiny.gin", "experiments/prompt_expert.gin"], [
+      f"MIXTURE_OR_TASK_NAME='{train_fixtures.TASK}'", f"MODEL_DIR='{tmp_path}'",
+      "INITIAL_CHECKPOINT_PATH=None", f"TASK_FEATURE_LENGTHS={train_fixtures.LENGTHS}",
+      "ADAPTER_REDUCTION_FACTOR=8", "TRAIN_STEPS=2", "trainer.train.epochs=None"])
+  config = gin.query_parameter("trainer.train.model_config")
+  assert config is not None
+  assert gin_utils.configured(trainer.train)(dry_run=True) is None

@@ -229,7 +229,7 @@ def test_unsupported_feed_forward_rejected(tmp_path):
 
 def test_embedding_aliases_accepted(saved):
   _, model, directory = saved
-  # The in-memory state dict holds every alias (and lm_head when tied).
+  # The in-memory state dict contains every alias (and lm_head when tied).
   state = {k: v.numpy() for k, v in model.state_dict().items()}
   assert "encoder.embed_tokens.weight" in state
   config, from_file = hf.load_hf(directory)

@@ -5,7 +5,6 @@ templates.yaml: the YAML text, Jinja's rules, `|||` splitting and stripping.
 """
 
 import json
-import random
 import sys
 from pathlib import Path
 

@@ -47,7 +47,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, params):
-  """A model directory with two steps; step 20 holds `params`, step 5 zeros."""
+  """A model directory with two steps: step 20 contains `params`, step 5 zeros."""
   directory = tmp_path_factory.mktemp("t5x_model")
   zeros = jax.tree_util.tree_map(np.zeros_like, params)
   t5x.write_t5x_checkpoint(directory, 5, zeros)

@@ -51,3 +51,23 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
   assert train_fixtures.checkpoint_steps(model_dir) == [3]
   params = train_fixtures.read_params(model_dir, 3)
   assert all(np.isfinite(v).all() for v in params.values())
+
+
+def test_validation_scores_and_exports_best(tmp_path):
+  from elm_jax.checkpoints import experts  # pylint: disable=g-import-not-at-top
+  from elm_jax.training import export  # pylint: disable=g-import-not-at-top
+  result = _train(
+      tmp_path / "validated", sharding.MeshConfig(),
+      evaluation=trainer.EvalConfig(period=4, max_batches=2, score_max_examples=12),
+      checkpoint=checkpointing.CheckpointConfig(period=4, best_metric="eval/loss",
+                                                best_mode="min", export_from="best"),
+      expert=export.ExpertSettings(kind="dataset"))
+  assert [step for step, _ in result.eval_history] == [4, 8]
+  for _, metrics in result.eval_history:
+    assert set(metrics) >= {"eval/loss", "eval/accuracy"}
+    assert 0.0 <= metrics["eval/accuracy"] <= 1.0
+  best_step, best_metrics = min(result.eval_history, key=lambda item: item[1]["eval/loss"])
+  assert sorted(p.name for p in (tmp_path / "validated" / "best").iterdir()
+                if p.name.isdigit()) == [str(best_step)]
+  metadata = experts.load_metadata(result.expert_dir)
+  assert metadata.validation_metrics == best_metrics

@@ -48,7 +48,6 @@ _EMBEDDING_ALIASES = ("shared.weight", "encoder.embed_tokens.weight",
                       "decoder.embed_tokens.weight")
 _FEED_FORWARD_ACTIVATION = {"relu": "relu", "gated-gelu": "gelu_new"}
 _SUPPORTED_MODEL_TYPES = ("t5", "mt5")
-_ATTENTION = (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out"))
 
 
 @dataclasses.dataclass(frozen=True)

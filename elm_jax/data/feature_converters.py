@@ -38,7 +38,7 @@ def encdec_feature_converter(pack: bool = True) -> seqio.EncDecFeatureConverter:
 
 
 def training_dataset(mixture_or_task_name: str | seqio.Task | seqio.Mixture, *,
-                     task_feature_lengths: Mapping[str, int], batch_size: int,
+                     task_feature_lengths: Mapping[str, int], batch_size: int | None,
                      split: str = "train", shuffle: bool = True, seed: int | None = None,
                      pack: bool = True, num_epochs: int | None = None,
                      shard_info: seqio.ShardInfo | None = None) -> tf.data.Dataset:
@@ -48,7 +48,8 @@ def training_dataset(mixture_or_task_name: str | seqio.Task | seqio.Mixture, *,
     mixture_or_task_name: a registered name, or the Task or Mixture itself.
     task_feature_lengths: {"inputs": L_in, "targets": L_out}; longer examples
       are trimmed.
-    batch_size: rows per batch (per host when `shard_info` is set).
+    batch_size: rows per batch (per host when `shard_info` is set); the last
+      partial batch is dropped. None yields single rows.
     split: the split to read.
     shuffle: shuffle examples (seeded by `seed`).
     seed: the seed of shuffling, mixing and any random preprocessor.

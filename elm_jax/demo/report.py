@@ -112,6 +112,16 @@ def _audit_counts(audit: Mapping[str, Any]) -> dict[str, Any]:
   return counts
 
 
+def _audit_sentence(audit: Mapping[str, Any]) -> str:
+  samples = audit.get("library_samples", {})
+  return (
+      f"{samples.get('checked', 0)} library samples were checked against "
+      f"{audit.get('eval_instances', 0)} evaluation instances: "
+      f"{samples.get('exact_duplicates', 0)} exact duplicates (after normalization) and "
+      f"{samples.get('near_duplicates', 0)} near duplicates (MiniLM cosine similarity "
+      f">= {audit.get('threshold', 0)}).")
+
+
 def _fmt(value: float) -> str:
   return f"{100 * value:.1f}"
 
@@ -225,9 +235,7 @@ def _write_markdown(config, summaries, results, timings, run_dir: Path, *, quick
       "",
       "## Leakage audit",
       "",
-      "Library samples checked against the evaluation instances (normalized exact match "
-      "and MiniLM cosine similarity): "
-      + ", ".join(f"{k} = {v}" for k, v in audit.items()) + ".",
+      _audit_sentence(audit),
       "",
       "## Timings (seconds, this machine)",
       "",

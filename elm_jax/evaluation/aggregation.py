@@ -1,9 +1,9 @@
 """From per-example records to per-prompt, per-dataset and overall scores.
 
 A prompt is one Task (for example one promptsource template applied to one
-dataset). T0 and the Expert Language Models paper report, per dataset, the mean and
-the median of the per-prompt accuracies; the overall figure is the mean over
-datasets of the dataset means. Which dataset a prompt belongs to comes from a
+dataset). T0 (Sanh et al., 2021) and the Expert Language Models paper (Jang et
+al., ICML 2023) report, per dataset, the mean and the median of the per-prompt
+accuracies. The overall figure is the mean over datasets of the dataset means. Which dataset a prompt belongs to comes from a
 `DatasetResolver`, by default `dataset_of`.
 """
 
@@ -22,8 +22,8 @@ DatasetResolver = Callable[[str], str]
 _SCORE_EVAL_SUFFIX = "_score_eval"
 
 # Prefixes of P3 Task names of the held-out T0 datasets, longest first, with the
-# dataset name reported for them. ANLI rounds are told apart by a `_r1` / `_r2` /
-# `_r3` suffix in P3 names.
+# dataset name reported for them. P3 names of the ANLI rounds end in `_r1`, `_r2`
+# or `_r3`.
 _T0_PREFIXES = (
     ("winogrande_winogrande_xl_", "winogrande"),
     ("story_cloze_2016_", "story_cloze"),
@@ -69,8 +69,8 @@ class Summary:
   Attributes:
     prompts: per-prompt results, sorted by dataset then Task name.
     datasets: per-dataset results, sorted by dataset name.
-    overall: per metric, `mean_over_datasets` (the paper's figure) and
-      `mean_over_prompts`.
+    overall: per metric, `mean_over_datasets` (the figure the Expert Language
+      Models paper reports) and `mean_over_prompts`.
   """
   prompts: tuple[PromptResult, ...]
   datasets: tuple[DatasetResult, ...]

@@ -105,6 +105,9 @@ class ChoiceScorer:
   """
 
   def __init__(self, model: t5.T5, *, scoring: ScoringConfig = ScoringConfig()):
+    # NOTE: plain jax.jit without a mesh or sharding rules: batches and
+    # parameters sit on the default device, so models that need model
+    # parallelism are not yet supported here.
     self.model = model
     self.scoring = scoring
     self.trace_count = 0

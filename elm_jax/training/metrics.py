@@ -162,9 +162,9 @@ def check_finite(step: int, metrics: Mapping[str, float], *, last_checkpoint: in
   loss = metrics.get("loss", 0.0)
   if math.isfinite(loss):
     return
-  kept = (f"the last good checkpoint is step {last_checkpoint} in {model_dir}/checkpoints"
+  checkpoint_note = (f"the last good checkpoint is step {last_checkpoint} in {model_dir}/checkpoints"
           if last_checkpoint is not None else "no checkpoint was saved before it")
   raise NonFiniteLossError(
-      f"The training loss is {loss} at step {step}: training stopped and {kept}. "
+      f"The training loss is {loss} at step {step}: training stopped and {checkpoint_note}. "
       f"Lower the learning rate, enable gradient clipping or check the batches of "
       f"this step (for example decoder_loss_weights).")

@@ -61,7 +61,7 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-  """What a run returns: where its outputs are and how it went."""
+  """The outcome of a run: its output folders, steps, losses and validation results."""
   model_dir: str
   final_step: int
   train_steps: int
