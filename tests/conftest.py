@@ -9,6 +9,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# transformers (parity references only) must not import its TensorFlow side: that
+# needs tf-keras with the installed Keras 3.
+os.environ.setdefault("USE_TF", "0")
 
 import pytest  # pylint: disable=g-import-not-at-top
 

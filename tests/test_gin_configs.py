@@ -1,6 +1,5 @@
 """Every shipped run and experiment gin file parses and builds; misspellings get hints."""
 
-from pathlib import Path
 
 import gin
 import pytest

@@ -109,3 +109,17 @@ def test_multitask_packed_mixture(model_gin, tmp_path):
   metadata = json.loads((model_dir / "expert" / "expert.json").read_text())
   assert (metadata["kind"], metadata["task"]) == ("multitask", name)
   assert metadata["model_config"]["dropout_rate"] == 0.1
+
+
+def test_infer_decodes_trained_model(dataset_expert_run, tmp_path):
+  model_dir, _ = dataset_expert_run
+  output = tmp_path / "predictions.jsonl"
+  path = train_fixtures.run_in_process([
+      "--gin_file=runs/infer.gin", f"--gin.MIXTURE_OR_TASK_NAME='{train_fixtures.TASK}'",
+      f"--gin.CHECKPOINT_PATH='{model_dir}'", f"--gin.INFER_OUTPUT_PATH='{output}'",
+      f"--gin.TASK_FEATURE_LENGTHS={train_fixtures.LENGTHS}", "--gin.MAX_EXAMPLES=3",
+      "--gin.BATCH_SIZE=2"])
+  assert path == str(output)
+  records = [json.loads(line) for line in output.read_text().splitlines()]
+  assert [r["index"] for r in records] == [0, 1, 2]
+  assert all(isinstance(r["prediction"], str) and r["target"] for r in records)

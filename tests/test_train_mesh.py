@@ -63,9 +63,9 @@ def test_validation_scores_and_exports_best(tmp_path):
                                                 best_mode="min", export_from="best"),
       expert=export.ExpertSettings(kind="dataset"))
   assert [step for step, _ in result.eval_history] == [4, 8]
-  for _, metrics in result.eval_history:
-    assert set(metrics) >= {"eval/loss", "eval/accuracy"}
-    assert 0.0 <= metrics["eval/accuracy"] <= 1.0
+  for _, results in result.eval_history:
+    assert set(results) >= {"eval/loss", "eval/accuracy"}
+    assert 0.0 <= results["eval/accuracy"] <= 1.0
   best_step, best_metrics = min(result.eval_history, key=lambda item: item[1]["eval/loss"])
   assert sorted(p.name for p in (tmp_path / "validated" / "best").iterdir()
                 if p.name.isdigit()) == [str(best_step)]

@@ -6,7 +6,7 @@ so a NaN or Inf loss never reaches a saved checkpoint.
 """
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from absl import logging
 from clu import metric_writers

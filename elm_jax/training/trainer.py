@@ -16,11 +16,9 @@ from typing import Any, Callable, Mapping
 from absl import logging
 from clu import metric_writers
 import jax
-import numpy as np
 import optax
 import seqio
 
-from elm_jax import partitioning
 from elm_jax.models import t5
 from elm_jax.training import checkpointing
 from elm_jax.training import export as export_lib
