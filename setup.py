@@ -22,7 +22,7 @@ INSTALL_REQUIRES = [
     "protobuf==7.36.2",
     "ml-dtypes==0.7.0",
     "safetensors==0.8.0",
-    "tokenizers==0.23.3",
+    "tokenizers==0.22.2",  # transformers 4.57 (parity tests) needs < 0.23
     "PyYAML==6.0.4",
     "Jinja2==3.1.6",
     "matplotlib==3.11.2",

@@ -4,7 +4,7 @@ An entry point accepts any number of `--gin_file=FILE` (parsed in order) and
 `--gin.KEY=VALUE` overrides (applied after every file), for example
 
   elm-jax train --gin_file=experiments/prompt_expert.gin \
-      --gin.MODEL_DIR=/tmp/pe --gin.trainer.train.num_steps=100
+      --gin.MODEL_DIR=/tmp/pe --gin.trainer.train.train_steps=100
 
 Gin files are looked up in this order: the current directory, each
 `--gin_search_path`, the entries of `$ELM_JAX_GIN_PATH` (separated by
@@ -64,7 +64,7 @@ def add_gin_arguments(parser: argparse.ArgumentParser) -> None:
   group = parser.add_argument_group(
       "gin", "Configuration: --gin_file FILE (repeatable, parsed in order) and "
       "--gin.KEY=VALUE overrides, e.g. --gin.MODEL_DIR=/tmp/run or "
-      "--gin.trainer.train.num_steps=100.")
+      "--gin.trainer.train.train_steps=100.")
   group.add_argument(
       "--gin_file", action="append", default=[], metavar="FILE",
       help="a gin file, absolute or relative to a search path; repeatable")

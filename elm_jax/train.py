@@ -1,6 +1,6 @@
 """`elm-jax train` (also `python -m elm_jax.train`): gin-configured training or inference.
 
-  elm-jax train --gin_file=models/t5_1_1_small.gin \\
+  elm-jax train --gin_file=models/t5_1_1/small.gin \\
       --gin_file=experiments/prompt_expert.gin \\
       --gin.MIXTURE_OR_TASK_NAME="'bigbench_emoji_movie'" \\
       --gin.MODEL_DIR="'/tmp/pe'" --gin.INITIAL_CHECKPOINT_PATH=None \\

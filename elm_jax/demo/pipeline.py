@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
+from elm_jax.data import bigbench as bigbench_data
 from elm_jax.demo import stages as stages_lib
 from elm_jax.models import t5
 
@@ -45,21 +46,7 @@ DEFAULT_EXPERT_TASKS = (
 )
 
 # The 13 BIG-bench tasks on which T0 and the method are evaluated.
-DEFAULT_EVAL_TASKS = (
-    "code_line_description",
-    "conceptual_combinations",
-    "formal_fallacies_syllogisms_negation",
-    "hindu_knowledge",
-    "known_unknowns",
-    "language_identification",
-    "logic_grid_puzzle",
-    "logical_deduction",
-    "misconceptions",
-    "movie_dialog_same_or_different",
-    "strategyqa",
-    "vitaminc_fact_verification",
-    "winowhy",
-)
+DEFAULT_EVAL_TASKS = bigbench_data.EVAL_TASKS
 
 MULTITASK = "multitask"
 
@@ -217,6 +204,7 @@ class Demo:
     """Returns (config, params) of the shared base model."""
     if self._base is None:
       from elm_jax.checkpoints import loading  # pylint: disable=g-import-not-at-top
+      # Importing the trainer's checkpointing registers the loader of its model dirs.
       from elm_jax.training import checkpointing  # pylint: disable=g-import-not-at-top,unused-import
       path = self.config.initial_checkpoint_path or str(self.base_dir)
       config, params = loading.load_model(path, self.config.model_config)
@@ -384,7 +372,6 @@ class Demo:
     sample rather than file order, because several task files list their examples
     grouped by answer.
     """
-    from elm_jax.data import bigbench as bigbench_data  # pylint: disable=g-import-not-at-top
     from elm_jax.data import fetch  # pylint: disable=g-import-not-at-top
     key = (name, split, limit)
     if key not in self._records:

@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from absl import logging
 
+from elm_jax import file_io
 from elm_jax.library import instances as instances_lib
 from elm_jax.library.instances import Instance
 
@@ -73,12 +73,7 @@ def _pause(point: str) -> None:
     time.sleep(3600)
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+sha256_file = file_io.sha256_file
 
 
 def _fsync_file(path: Path) -> None:

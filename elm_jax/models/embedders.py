@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elm_jax import file_io
+
 # Defaults for library entries and for queries, in tokens.
 LIBRARY_MAX_LENGTH = 256
 QUERY_MAX_LENGTH = 512
@@ -236,12 +238,7 @@ def _settings_fingerprint(kind: str, weights_digest: str, settings: dict) -> str
   return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+_sha256_file = file_io.sha256_file
 
 
 class MiniLMEmbedder:
