@@ -138,6 +138,7 @@ def evaluate(*, mixture_or_task_name: str, checkpoint_path: str,
       "max_examples": max_examples, "normalization": scoring.normalization,
       "eval_seconds": round(time.perf_counter() - start, 3)}
   reports.write_report(out, summary=summary, predictions=predictions, metadata=metadata)
+  _plot_datasets(summary, out)
   for metric, values in summary.overall.items():
     logging.info("eval/overall/%s: %.2f (mean over datasets)", metric,
                  values["mean_over_datasets"])
@@ -145,9 +146,63 @@ def evaluate(*, mixture_or_task_name: str, checkpoint_path: str,
   return summary
 
 
+def _plot_datasets(summary: aggregation.Summary, out: Path) -> None:
+  """Draws the mean of each dataset's first metric (accuracy in rank classification)."""
+  from elm_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
+  if not summary.datasets:
+    return
+  metric = next(iter(summary.overall))
+  per_dataset = {d.dataset: {metric: d.mean[metric]} for d in summary.datasets}
+  plots.task_comparison_figure(per_dataset, output_stem=out / "per_dataset",
+                               systems=(metric,), title=f"{metric} per dataset")
+
+
+def evaluate_experts(*, experts_root: str, mixture_or_task_name: str, checkpoint_path: str,
+                     output_dir: str | None = None, split: str = "validation",
+                     batch_size: int = 16, max_examples: int | None = None,
+                     scoring: scorer_lib.ScoringConfig = scorer_lib.ScoringConfig(),
+                     baseline_expert: str | None = None) -> Path:
+  """Evaluates every expert under `experts_root` on every Task: the expert-by-task matrix.
+
+  Finished cells are kept in `<output_dir>/cells.jsonl`, so a rerun after a crash
+  computes only the missing ones. Writes the per-expert accuracy figure (with the
+  expert named `baseline_expert`, for example the multitask model, as a line) and
+  the heatmap; returns the output folder.
+  """
+  from elm_jax.evaluation import matrix  # pylint: disable=g-import-not-at-top
+  from elm_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
+  out = Path(output_dir) if output_dir else Path(experts_root) / "matrix" / (
+      mixture_or_task_name)
+  cells = matrix.run_matrix(checkpoint_path=checkpoint_path, experts_root=experts_root,
+                            mixture_or_task_name=mixture_or_task_name, output_dir=out,
+                            split=split, batch_size=batch_size, max_examples=max_examples,
+                            scoring=scoring)
+  baseline = None
+  if baseline_expert is not None:
+    means = matrix.expert_means(cells)
+    if baseline_expert not in means:
+      raise ValueError(f"baseline_expert {baseline_expert!r} is not one of the experts "
+                       f"under {experts_root}: {sorted(means)}.")
+    baseline = means[baseline_expert]
+  plots.matrix_figures(out, output_dir=out, baseline=baseline)
+  logging.info("Wrote the expert-by-task matrix and its figures to %s.", out)
+  return out
+
+
+def run(*, experts_root: str | None = None) -> aggregation.Summary | Path:
+  """Runs `evaluate`, or `evaluate_experts` when `experts_root` is set (gin binds both)."""
+  if experts_root is not None:
+    return gin_utils.configured(evaluate_experts)(experts_root=experts_root)
+  return gin_utils.configured(evaluate)()
+
+
 def _run(args) -> int:
   del args  # Everything comes from gin.
-  summary = gin_utils.configured(evaluate)()
+  result = gin_utils.configured(run)()
+  if isinstance(result, Path):
+    print(f"Expert-by-task matrix and figures: {result}")
+    return 0
+  summary = result
   for metric, values in summary.overall.items():
     print(f"{metric}: {values['mean_over_datasets']:.2f} (mean over datasets), "
           f"{values['mean_over_prompts']:.2f} (mean over prompts)")

@@ -9,6 +9,7 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
 from elm_jax import evaluate
@@ -60,7 +61,10 @@ def _run(*flags):
 def test_eval_base_model_writes_all_outputs(base_dir, tmp_path):
   out = tmp_path / "out"
   assert _run(f"--gin.CHECKPOINT_PATH='{base_dir}'", f"--gin.EVAL_OUTPUT_DIR='{out}'") == 0
-  assert sorted(p.name for p in out.iterdir()) == sorted(reports.OUTPUT_FILES)
+  written = sorted(p.name for p in out.iterdir())
+  assert written == sorted([*reports.OUTPUT_FILES, "per_dataset.png", "per_dataset.svg"])
+  with Image.open(out / "per_dataset.png") as image:
+    assert image.format == "PNG"
 
   predictions = [json.loads(line) for line in (out / reports.PREDICTIONS).read_text().splitlines()]
   assert len(predictions) == MAX_EXAMPLES
@@ -107,6 +111,43 @@ def test_eval_expert_applied_to_base(base_dir, tmp_path):
   # The adapters change the model, so the scores must differ from the base's.
   assert not np.allclose(expert_scores, base_scores)
   del vocabulary
+
+
+def _save_adapter_expert(base_dir, expert_dir, *, seed, expert_id):
+  base_config, base_params = hf.load_hf(base_dir)
+  config = dataclasses.replace(base_config, adapter=t5.AdapterConfig(reduction_factor=4))
+  trained = traverse_util.flatten_dict(_init(config, seed), sep="/")
+  adapter = {k: np.asarray(v) + 0.1 * seed for k, v in trained.items()
+             if experts.is_added_parameter(k)}
+  metadata = experts.ExpertMetadata(
+      id=expert_id, kind="prompt", trainable="adapter", task=TASK,
+      base_fingerprint=experts.fingerprint(base_params), model_config=config.to_dict(),
+      adapter=dataclasses.asdict(config.adapter))
+  experts.save_expert(expert_dir, params=traverse_util.unflatten_dict(adapter, sep="/"),
+                      metadata=metadata)
+
+
+def test_eval_experts_root_writes_matrix(base_dir, tmp_path):
+  root = tmp_path / "experts"
+  for seed, name in ((1, "first"), (2, "second")):
+    _save_adapter_expert(base_dir, root / name, seed=seed, expert_id=name)
+  out = tmp_path / "matrix"
+  assert _run(f"--gin.CHECKPOINT_PATH='{base_dir}'", f"--gin.EXPERTS_ROOT='{root}'",
+              f"--gin.EVAL_OUTPUT_DIR='{out}'", "--gin.BASELINE_EXPERT='first'") == 0
+
+  cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+  assert sorted(c["expert"] for c in cells) == ["first", "second"]
+  assert all(c["num_examples"] == MAX_EXAMPLES for c in cells)
+  for stem in ("expert_accuracy", "expert_task_heatmap"):
+    with Image.open(out / f"{stem}.png") as image:
+      assert image.format == "PNG"
+    assert (out / f"{stem}.svg").is_file()
+
+  # A rerun finds every cell done and appends nothing.
+  before = (out / "cells.jsonl").read_bytes()
+  assert _run(f"--gin.CHECKPOINT_PATH='{base_dir}'", f"--gin.EXPERTS_ROOT='{root}'",
+              f"--gin.EVAL_OUTPUT_DIR='{out}'") == 0
+  assert (out / "cells.jsonl").read_bytes() == before
 
 
 def test_expert_on_wrong_base_is_rejected(base_dir, tmp_path):
