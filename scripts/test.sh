@@ -7,4 +7,4 @@ source "${repo_root}/scripts/setup_venv.sh" test
 cd "${repo_root}"
 # The offline data is fetched once into the cache and reused by later runs.
 elm-jax data fetch all
-python -m pytest "$@"
+python -m pytest --durations=20 "$@"

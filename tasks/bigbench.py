@@ -34,13 +34,10 @@ so only the first read of the held-in Mixture parses all 1.7 GB of task files
 """
 
 import dataclasses
-import itertools
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -56,19 +53,9 @@ HELD_IN_MIXTURE = "bigbench_held_in"
 SPAN_CORRUPTION_TASK = "bigbench_held_in_span_corruption"
 SCORING_PASSTHROUGH = ("answer_choices", "is_correct", "idx")
 
-# Examples are shuffled by the data source; this buffer only mixes neighbours.
-_SHUFFLE_BUFFER_SIZE = 64
-
-_TRAIN_SIGNATURE = {
-    "inputs": tf.TensorSpec([], tf.string),
-    "targets": tf.TensorSpec([], tf.string),
-    "idx": tf.TensorSpec([], tf.int32),
-}
-_SCORE_SIGNATURE = {
-    **_TRAIN_SIGNATURE,
-    "answer_choices": tf.TensorSpec([None], tf.string),
-    "is_correct": tf.TensorSpec([None], tf.bool),
-}
+# The data source shuffles (see `_dataset_fn`); seqio requires a buffer size
+# for shuffle=True, and a 1-example buffer leaves that order as it is.
+_SHUFFLE_BUFFER_SIZE = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,39 +69,49 @@ class _Registration:
 _registered: _Registration | None = None
 
 
-def _dataset_fn(path: Path, cap: int | None, scoring: bool, splits_dir: Path):
-  """Returns a seqio dataset_fn over one task file's records."""
-  signature = _SCORE_SIGNATURE if scoring else _TRAIN_SIGNATURE
+class InMemoryTask(seqio.Task):
+  """A Task whose source is an in-memory tensor dataset that reshuffles each epoch.
 
-  def generate(split: str, order_seed: list[int] | None):
-    records = bigbench.read_split(path, split, cap, cache_dir=splits_dir)
-    order = range(len(records))
-    if order_seed is not None:
-      order = np.random.default_rng(order_seed).permutation(len(records))
-    for i in order:
-      record = records[i]
-      row: dict[str, Any] = {
-          "inputs": record["inputs_pretokenized"],
-          "targets": record["targets_pretokenized"],
-          "idx": record["idx"],
-      }
-      if scoring:
-        row["answer_choices"] = record["answer_choices"]
-        row["is_correct"] = record["is_correct"]
-      yield row
+  seqio caches small sources in memory, which would replay the first epoch's
+  order forever; the examples are in memory already, so the cache is skipped.
+  """
+
+  def get_dataset(self, *args, **kwargs) -> tf.data.Dataset:  # pytype: disable=signature-mismatch
+    kwargs["try_in_mem_cache"] = False
+    return super().get_dataset(*args, **kwargs)
+
+
+def _dataset_fn(path: Path, cap: int | None, scoring: bool, splits_dir: Path):
+  """Returns a seqio dataset_fn over one task file's records.
+
+  The records become tensors (no Python generator runs inside tf.data, so
+  hundreds of Tasks mix without contending for the GIL). With `shuffle_files`
+  the source shuffles all records, afresh each epoch, before tokenization:
+  a shuffle buffer after tokenization would tokenize the whole buffer of every
+  Task of a Mixture before the first batch.
+  """
 
   def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-    # Shuffling here, a fresh permutation per epoch, replaces a large shuffle
-    # buffer: a 1,000-example buffer per Task would tokenize 1,000 examples of
-    # each of ~300 held-in Tasks before the Mixture's first batch.
-    epochs = itertools.count()
-    base = secrets.randbits(32) if seed is None else int(seed)
-
-    def order_seed() -> list[int] | None:
-      return [base, next(epochs)] if shuffle_files else None
-
-    return tf.data.Dataset.from_generator(
-        lambda: generate(split, order_seed()), output_signature=signature)
+    records = bigbench.read_split(path, split, cap, cache_dir=splits_dir)
+    columns: dict[str, Any] = {
+        "inputs": tf.constant([r["inputs_pretokenized"] for r in records], tf.string),
+        "targets": tf.constant([r["targets_pretokenized"] for r in records], tf.string),
+        "idx": tf.constant([r["idx"] for r in records], tf.int32),
+    }
+    if scoring:
+      lengths = tf.constant([len(r["answer_choices"]) for r in records], tf.int64)
+      # [num_records, (num_choices)]
+      columns["answer_choices"] = tf.RaggedTensor.from_row_lengths(
+          tf.constant([c for r in records for c in r["answer_choices"]], tf.string), lengths)
+      columns["is_correct"] = tf.RaggedTensor.from_row_lengths(
+          tf.constant([c for r in records for c in r["is_correct"]], tf.bool), lengths)
+    dataset = tf.data.Dataset.from_tensor_slices(columns)
+    if scoring:
+      # Slices of a ragged column arrive as ragged specs of rank 1; make them dense.
+      dataset = dataset.map(lambda ex: {k: tf.identity(v) for k, v in ex.items()})
+    if shuffle_files and records:
+      dataset = dataset.shuffle(len(records), seed=seed, reshuffle_each_iteration=True)
+    return dataset
 
   return dataset_fn
 
@@ -138,7 +135,8 @@ def _add_task(name: str, path: Path, entry: bigbench.TaskEntry, cap: int | None,
                      seqio.preprocessors.append_eos_after_trim],
       output_features=_output_features(vocabulary),
       metric_fns=[],
-      shuffle_buffer_size=_SHUFFLE_BUFFER_SIZE)
+      shuffle_buffer_size=_SHUFFLE_BUFFER_SIZE,
+      task_cls=InMemoryTask)
 
 
 def _vocabulary_key(vocabulary: seqio.Vocabulary) -> tuple[Any, ...]:

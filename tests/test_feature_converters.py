@@ -160,3 +160,52 @@ def test_empty_choices_named(small_vocab):
 def test_choices_longer_than_buckets_raise(small_vocab):
   with pytest.raises(ValueError, match="packed choice length .* exceeds the largest bucket 4"):
     list(fc.make_scoring_batches(SCORING[1:2], small_vocab, 1, dec_buckets=(4,)))
+
+
+def _first_fit(examples, batch_size=4, drop_remainder=False):
+  with_eos = [{"inputs": np.append(e["inputs"], 1), "targets": np.append(e["targets"], 1)}
+               for e in examples]
+  return list(fc.pack_first_fit(with_eos, task_feature_lengths={"inputs": 40, "targets": 12},
+                                batch_size=batch_size, window=16, seed=2,
+                                drop_remainder=drop_remainder))
+
+
+def test_first_fit_keeps_every_example_once(packing_task):
+  found = []
+  for batch in _first_fit(packing_task):
+    for row in range(batch["encoder_input_tokens"].shape[0]):
+      inputs = _segments(batch["encoder_input_tokens"][row], batch["encoder_segment_ids"][row])
+      targets = _segments(batch["decoder_target_tokens"][row], batch["decoder_segment_ids"][row])
+      found.extend(zip(map(tuple, inputs), map(tuple, targets)))
+  expected = [(tuple(e["inputs"].tolist() + [1]), tuple(e["targets"].tolist() + [1]))
+              for e in packing_task]
+  assert sorted(found) == sorted(expected)
+
+
+def test_first_fit_matches_seqio_features(packing_task):
+  seqio_keys = set(_packed_batches()[0])
+  (batch, *_) = _first_fit(packing_task)
+  assert set(batch) == seqio_keys
+  for row in range(batch["decoder_target_tokens"].shape[0]):
+    segment_ids = batch["decoder_segment_ids"][row]
+    for s in range(1, segment_ids.max() + 1):
+      where = segment_ids == s
+      targets = batch["decoder_target_tokens"][row][where]
+      assert batch["decoder_input_tokens"][row][where].tolist() == [0] + targets[:-1].tolist()
+      assert batch["encoder_positions"][row][batch["encoder_segment_ids"][row] == s][0] == 0
+    assert (batch["decoder_input_tokens"][row][segment_ids == 0] == 0).all()
+  np.testing.assert_array_equal(batch["decoder_loss_weights"],
+                                batch["decoder_target_tokens"] != 0)
+
+
+def test_first_fit_denser_than_seqio(packing_task):
+  dense = np.mean([fc.packing_efficiency(b) for b in _first_fit(packing_task, 1)])
+  greedy = np.mean([fc.packing_efficiency(b) for b in _packed_batches(batch_size=1)])
+  assert dense >= greedy
+
+
+def test_first_fit_drops_remainder(packing_task):
+  rows = sum(b["encoder_input_tokens"].shape[0] for b in _first_fit(packing_task, 4))
+  kept = sum(b["encoder_input_tokens"].shape[0]
+             for b in _first_fit(packing_task, 4, drop_remainder=True))
+  assert kept == rows - rows % 4

@@ -84,6 +84,103 @@ def log_packing_efficiency(batches: Iterable[Mapping[str, Any]], *,
     yield batch
 
 
+def _first_fit_rows(window: list[tuple[np.ndarray, np.ndarray]], lengths: tuple[int, int],
+                    rng: np.random.Generator) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+  """Packs a window of (inputs, targets) pairs into rows, first-fit decreasing."""
+  max_inputs, max_targets = lengths
+  order = sorted(range(len(window)), key=lambda i: (-window[i][0].size, -window[i][1].size))
+  rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
+  room: list[list[int]] = []  # [inputs left, targets left] per row
+  for i in order:
+    inputs, targets = window[i]
+    for r, (inputs_left, targets_left) in enumerate(room):
+      if inputs.size <= inputs_left and targets.size <= targets_left:
+        rows[r].append((inputs, targets))
+        room[r][0] -= inputs.size
+        room[r][1] -= targets.size
+        break
+    else:
+      rows.append([(inputs, targets)])
+      room.append([max_inputs - inputs.size, max_targets - targets.size])
+  # Rows come out roughly sorted by size; shuffling them keeps batches mixed.
+  return [rows[i] for i in rng.permutation(len(rows))]
+
+
+def _packed_row(row: list[tuple[np.ndarray, np.ndarray]], lengths: tuple[int, int]
+                ) -> dict[str, np.ndarray]:
+  out = {}
+  for side, length, index in (("encoder", lengths[0], 0), ("decoder", lengths[1], 1)):
+    tokens = np.zeros([length], np.int32)
+    segment_ids = np.zeros([length], np.int32)
+    positions = np.zeros([length], np.int32)
+    start = 0
+    for segment, pair in enumerate(row, start=1):
+      piece = pair[index]
+      tokens[start:start + piece.size] = piece
+      segment_ids[start:start + piece.size] = segment
+      positions[start:start + piece.size] = np.arange(piece.size)
+      start += piece.size
+    name = "encoder_input_tokens" if side == "encoder" else "decoder_target_tokens"
+    out[name] = tokens
+    out[f"{side}_segment_ids"] = segment_ids
+    out[f"{side}_positions"] = positions
+  targets = out["decoder_target_tokens"]
+  # Each segment shifted right by one, starting with 0 (seqio's bos_id).
+  inputs = np.concatenate([[0], targets[:-1]]).astype(np.int32)
+  inputs[out["decoder_positions"] == 0] = 0
+  out["decoder_input_tokens"] = inputs
+  out["decoder_loss_weights"] = (targets != 0).astype(np.int32)
+  return out
+
+
+def pack_first_fit(examples: Iterable[Mapping[str, Any]], *,
+                   task_feature_lengths: Mapping[str, int], batch_size: int,
+                   window: int = 1000, seed: int = 0,
+                   drop_remainder: bool = True) -> Iterator[dict[str, np.ndarray]]:
+  """Packs tokenized examples densely into encoder-decoder training batches.
+
+  seqio's packing closes a row as soon as the next example does not fit. This
+  packer collects `window` examples, places each (longest first) into the
+  first row with room on both the encoder and the decoder side, and emits the
+  rows in a seeded random order. The features and their meaning are those of
+  `seqio.EncDecFeatureConverter(pack=True)`. On the held-in BIG-bench mixture
+  it packs 256:16 and 512:32 rows about 93% full where seqio's packing
+  reaches about 74% (benchmarks/input_pipeline.py).
+
+  Args:
+    examples: dicts with int `inputs` and `targets` (EOS included), for
+      example a Task's `get_dataset(...).as_numpy_iterator()`.
+    task_feature_lengths: {"inputs": L_in, "targets": L_out}; longer examples
+      are trimmed to these lengths.
+    batch_size: rows per batch.
+    window: examples packed together; larger packs denser and costs memory.
+    seed: the seed of the row order.
+    drop_remainder: drop a last batch with fewer than `batch_size` rows.
+  """
+  lengths = (task_feature_lengths["inputs"], task_feature_lengths["targets"])
+  rng = np.random.default_rng(seed)
+  pending: list[dict[str, np.ndarray]] = []
+  buffer: list[tuple[np.ndarray, np.ndarray]] = []
+
+  def flush() -> Iterator[dict[str, np.ndarray]]:
+    for row in _first_fit_rows(buffer, lengths, rng):
+      pending.append(_packed_row(row, lengths))
+      if len(pending) == batch_size:
+        yield {k: np.stack([r[k] for r in pending]) for k in pending[0]}
+        pending.clear()
+    buffer.clear()
+
+  for example in examples:
+    buffer.append((np.asarray(example["inputs"], np.int32)[:lengths[0]],
+                   np.asarray(example["targets"], np.int32)[:lengths[1]]))
+    if len(buffer) == window:
+      yield from flush()
+  if buffer:
+    yield from flush()
+  if pending and not drop_remainder:
+    yield {k: np.stack([r[k] for r in pending]) for k in pending[0]}
+
+
 # ---------------------------------------------------------------------------
 # Scoring.
 
