@@ -117,7 +117,9 @@ def main(argv=None) -> int:
   pairs = [tuple(int(x) for x in pair.split(":"))
            for pair in (args.lengths or default_lengths).split(",")]
   num_batches = args.batches or (20 if args.quick else 60)
-  warmup = args.warmup if args.warmup is not None else (20 if args.quick else 40)
+  warmup = args.warmup
+  if warmup is None:
+    warmup = 20 if args.quick else 40
 
   rows = []
   for inputs_length, targets_length in pairs:

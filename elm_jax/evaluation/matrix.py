@@ -107,7 +107,8 @@ def compute_matrix(*, experts: Sequence[str], tasks: Sequence[str], output_dir: 
                    model_provider: ModelProvider, batch_provider: BatchProvider,
                    settings: Mapping[str, Any],
                    scoring: scorer_lib.ScoringConfig = scorer_lib.ScoringConfig(),
-                   records_dir: str | os.PathLike[str] | None = None
+                   records_dir: str | os.PathLike[str] | None = None,
+                   scorers: dict[Any, scorer_lib.ChoiceScorer] | None = None
                    ) -> dict[tuple[str, str], Cell]:
   """Evaluates every expert on every task, skipping cells already in the store.
 
@@ -122,6 +123,8 @@ def compute_matrix(*, experts: Sequence[str], tasks: Sequence[str], output_dir: 
     scoring: the score normalization.
     records_dir: when given, per-example records of each cell are written to
       `<records_dir>/<expert>/<task>.jsonl`.
+    scorers: a cache of scorers by (model config, scoring), shared between calls so that
+      several matrices in one process compile each bucket shape once.
 
   Returns:
     All cells, (expert, task) -> Cell.
@@ -138,15 +141,15 @@ def compute_matrix(*, experts: Sequence[str], tasks: Sequence[str], output_dir: 
                len(experts), len(tasks), len(experts) * len(tasks) - len(todo), len(todo))
 
   batches: dict[str, list] = {}
-  scorers: dict[t5.T5Config, scorer_lib.ChoiceScorer] = {}
+  scorers = {} if scorers is None else scorers
   for expert in experts:
     expert_tasks = [t for t in tasks if (expert, t) not in cells]
     if not expert_tasks:
       continue
     model, params = model_provider(expert)
-    scorer = scorers.get(model.config)
+    scorer = scorers.get((model.config, scoring))
     if scorer is None:
-      scorer = scorers[model.config] = scorer_lib.ChoiceScorer(model, scoring=scoring)
+      scorer = scorers[(model.config, scoring)] = scorer_lib.ChoiceScorer(model, scoring=scoring)
     for task in expert_tasks:
       start = time.perf_counter()
       if task not in batches:
