@@ -1,15 +1,19 @@
 """The stages of `elm-jax demo`: the whole method on offline BIG-bench data.
 
-Stages, in order: data (fetch, vocabulary), pretrain (span corruption, the shared
-base), experts (one adapter expert per held-in task), multitask (full fine-tuning
-on the same tasks with the experts' total budget), library (S samples per expert,
-embedded by all-MiniLM-L6-v2), audit (evaluation instances against library
-samples), retrieval (Q unlabeled instances per evaluation task vote for an
-expert), matrix (every expert and the multitask model on every evaluation task),
-merged (uniform merge of the top-k retrieved experts), held_in (each expert and
-the multitask model on the expert's own validation split) and report.
+The stages run in this order:
 
-Every stage writes into `run_dir`; finished work is never redone, so a rerun
+- data: fetch BIG-bench and MiniLM, build the vocabulary;
+- pretrain: span corruption, giving the shared base;
+- experts: one adapter expert per held-in task;
+- multitask: full fine-tuning on the same tasks with the experts' total budget;
+- library: S samples per expert, embedded by all-MiniLM-L6-v2;
+- audit: evaluation instances against the library samples;
+- retrieval: Q unlabeled instances per evaluation task vote for an expert;
+- matrix: every expert and the multitask model on every evaluation task;
+- merged: the uniform merge of the top-k retrieved experts;
+- held_in: each expert and the multitask model on the expert's own validation split.
+
+Every stage writes into `run_dir` and finished work is never redone, so a rerun
 after a crash or Ctrl-C continues where it stopped and reaches the same numbers.
 """
 

@@ -159,14 +159,16 @@ def write_outputs(config: pipeline.DemoConfig, summaries: Mapping[str, Any],
 
   figures = run_dir / "figures"
   figures.mkdir(exist_ok=True)
-  plots.expert_accuracy_figure(results["expert_means"], output_stem=figures / "expert_means",
-                               baseline=results["means"]["multitask"])
+  # The figures show percentages, as their axis labels say.
+  plots.expert_accuracy_figure({e: 100 * v for e, v in results["expert_means"].items()},
+                               output_stem=figures / "expert_means",
+                               baseline=100 * results["means"]["multitask"])
   plots.task_comparison_figure(
-      {t: {"baseline": r["multitask"], "retrieved": r["retrieved"], "oracle": r["oracle"]}
-       for t, r in results["eval_tasks"].items()},
+      {t: {"baseline": 100 * r["multitask"], "retrieved": 100 * r["retrieved"],
+           "oracle": 100 * r["oracle"]} for t, r in results["eval_tasks"].items()},
       output_stem=figures / "per_task")
   experts = [pipeline.expert_id(t) for t in config.expert_tasks] + [pipeline.MULTITASK]
-  accuracy = np.array([[_cell(summaries["matrix"], e, t) for t in config.eval_tasks]
+  accuracy = np.array([[100 * _cell(summaries["matrix"], e, t) for t in config.eval_tasks]
                        for e in experts])
   plots.matrix_heatmap(accuracy, experts=experts, tasks=list(config.eval_tasks),
                        output_stem=figures / "expert_by_task")
