@@ -19,7 +19,6 @@ mode decodes and computes text metrics. Outputs, in `EVAL_OUTPUT_DIR` (default
 """
 
 import dataclasses
-import os
 from pathlib import Path
 import time
 from typing import Any, Sequence
