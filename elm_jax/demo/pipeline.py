@@ -235,7 +235,7 @@ class Demo:
         model_dir=str(model_dir), batch_size=config.batch_size, optimizer=optimizer,
         learning_rate=learning_rate, train_steps=steps, trainable=trainable,
         initial_checkpoint_path=initial_checkpoint_path,
-        # Synchronous saves, so a kill never leaves a half-written checkpoint.
+        # Synchronous saves: each resume point is on disk before training goes on.
         checkpoint=checkpointing.CheckpointConfig(period=config.checkpoint_period, keep=2,
                                                   async_save=False),
         evaluation=trainer.EvalConfig(period=0, max_batches=4, score_task=None),
