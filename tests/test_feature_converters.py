@@ -142,7 +142,9 @@ def test_scoring_shapes_use_buckets(small_vocab):
             for b in fc.make_scoring_batches(SCORING[:1] * 3, small_vocab, 1, **buckets)}
   assert len(shapes) == 1
   ((enc, dec, choices),) = shapes
-  assert enc[1] in (8, 16, 64) and dec[1] in (8, 16, 32) and choices[1] == 2
+  assert enc[1] in (8, 16, 64)
+  assert dec[1] in (8, 16, 32)
+  assert choices[1] == 2
 
 
 def test_scoring_takes_tokenized_inputs(small_vocab):

@@ -27,6 +27,8 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
+from elm_jax import file_io
+
 CACHE_ENV = "ELM_JAX_CACHE"
 MANIFEST = "MANIFEST.json"
 ARCHIVES = "archives"
@@ -130,12 +132,8 @@ def _lookup(name: str) -> Artifact:
   return ARTIFACTS[name]
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+# Kept as a name of this module: vocab, bigbench and tests call `fetch.sha256_file`.
+sha256_file = file_io.sha256_file
 
 
 def archive_path(name: str, cache: str | os.PathLike[str] | None = None) -> Path:

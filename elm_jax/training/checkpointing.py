@@ -260,12 +260,12 @@ def load_trained_params(path: str) -> tuple[t5.T5Config, dict[str, Any]]:
   """The saved config and all trained parameters (adapters and LoRA included).
 
   Raises:
-    loading.CheckpointError: `path` holds no checkpoint, or only the trainable
+    loading.CheckpointError: `path` has no checkpoint, or only the trainable
       parameters of an adapter or LoRA run saved with `save_frozen=False`.
   """
   found = _resolve_step_dir(path)
   if found is None:
-    raise loading.CheckpointError(f"{path} holds no checkpoints/<step>/trainable folder.")
+    raise loading.CheckpointError(f"{path} has no checkpoints/<step>/trainable folder; pass a trained model directory.")
   model_dir, step_dir = found
   with open(os.path.join(model_dir, MODEL_CONFIG_FILE), encoding="utf-8") as f:
     saved_config = t5.T5Config.from_dict(json.load(f))
@@ -275,7 +275,7 @@ def load_trained_params(path: str) -> tuple[t5.T5Config, dict[str, Any]]:
     params = train_state_lib.merge_params(params, frozen)
   elif saved_config.adapter is not None or saved_config.lora is not None:
     raise loading.CheckpointError(
-        f"{step_dir} holds only the adapter or LoRA parameters (saved with "
+        f"{step_dir} contains only the adapter or LoRA parameters (saved with "
         "save_frozen=False); load its base checkpoint and apply the expert instead.")
   return saved_config, params
 
