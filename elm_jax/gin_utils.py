@@ -26,13 +26,14 @@ import os
 from pathlib import Path
 import re
 import sys
-import tempfile
 from typing import Any, Callable, Iterable, Sequence
 
 from absl import logging
 import gin
 
 import elm_jax
+
+from elm_jax import file_io
 
 SEARCH_PATH_ENV = "ELM_JAX_GIN_PATH"
 
@@ -366,17 +367,8 @@ def write_config(model_dir: str | os.PathLike[str],
   """
   # NOTE: local paths only; a gs:// model directory needs tf.io.gfile here.
   text = gin.operative_config_str() if operative else gin.config_str()
-  model_dir = Path(model_dir)
-  model_dir.mkdir(parents=True, exist_ok=True)
-  path = model_dir / filename
-  fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=model_dir)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+  path = Path(model_dir) / filename
+  file_io.write_text_atomic(path, text)
   logging.info("Wrote the gin config to %s.", path)
   return path
 

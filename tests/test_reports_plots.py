@@ -54,17 +54,6 @@ def test_write_report_files(tmp_path):
   assert "## Per prompt" in markdown
 
 
-def test_atomic_writer_keeps_old_file_on_error(tmp_path):
-  path = tmp_path / "out.json"
-  path.write_text("old")
-  with pytest.raises(RuntimeError):
-    with reports.atomic_writer(path) as f:
-      f.write("partial")
-      raise RuntimeError("boom")
-  assert path.read_text() == "old"
-  assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
-
-
 def _check_png_and_svg(paths):
   png, svg = paths
   assert png.suffix == ".png"

@@ -42,10 +42,10 @@ import math
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from elm_jax import file_io
 from elm_jax.data import fetch
 
 # The 13 BIG-bench tasks of T0's zero-shot evaluation. They are never trained on
@@ -254,7 +254,7 @@ def read_split(path: Path, split: str, max_examples: int | None = None, *,
     with open(cached, encoding="utf-8") as f:
       return tuple(json.load(f))
   records = _parse_split(path, split, max_examples)
-  _write_atomic(cached, json.dumps(records, ensure_ascii=False))
+  file_io.write_text_atomic(cached, json.dumps(records, ensure_ascii=False))
   return tuple(records)
 
 
@@ -280,18 +280,6 @@ def _index_file(root: Path, relative: str) -> TaskEntry | None:
       subtask=parts[1] if len(parts) > 1 else None, path=relative,
       num_examples=len(examples), num_train=counts["train"],
       num_validation=counts["validation"], skipped=skipped)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 def index_path(cache: str | os.PathLike[str] | None = None) -> Path:
@@ -341,7 +329,7 @@ def load_index(cache: str | os.PathLike[str] | None = None) -> dict[str, TaskEnt
       raise ValueError(f"BIG-bench files {entries[entry.name].path} and {relative} both "
                        f"map to the task name {entry.name!r}.")
     entries[entry.name] = entry
-  _write_atomic(target, json.dumps(
+  file_io.write_text_atomic(target, json.dumps(
       {"version": INDEX_VERSION, "split_salt": SPLIT_SALT,
        "tasks": [dataclasses.asdict(e) for e in entries.values()]}, indent=0))
   logging.info("Indexed %d multiple-choice BIG-bench task files into %s.", len(entries), target)

@@ -29,6 +29,7 @@ import seqio
 import sentencepiece as spm
 import tensorflow as tf
 
+from elm_jax import file_io
 from elm_jax.data import bigbench
 from elm_jax.data import fetch
 
@@ -66,17 +67,6 @@ def _training_lines(settings: TrainingSettings,
       line = line.strip()
       if line:
         yield line[:settings.max_line_chars]
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
 
 
 def build_default_vocabulary(cache: str | os.PathLike[str] | None = None,
@@ -132,8 +122,8 @@ def build_default_vocabulary(cache: str | os.PathLike[str] | None = None,
       "train_seconds": round(seconds, 1),
   }
   # The model first, then the sidecar: a model without a sidecar is rebuilt.
-  _write_bytes_atomic(target, data)
-  _write_bytes_atomic(_sidecar(target), json.dumps(info, indent=1).encode("utf-8"))
+  file_io.write_bytes_atomic(target, data)
+  file_io.write_bytes_atomic(_sidecar(target), json.dumps(info, indent=1).encode("utf-8"))
   logging.info("Wrote %s (%d bytes, sha256 %s) in %.1f s.", target, len(data),
                info["sha256"], seconds)
   return target

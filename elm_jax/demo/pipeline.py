@@ -26,6 +26,7 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
+from elm_jax import file_io
 from elm_jax.data import bigbench as bigbench_data
 from elm_jax.demo import stages as stages_lib
 from elm_jax.models import t5
@@ -406,7 +407,7 @@ class Demo:
       eval_instances.extend(self.eval_instances(name))
     report = audit.audit(store.Library(self.library_dir), eval_instances,
                          against="bigbench_eval (13 tasks)", embedder=self.embedder())
-    stages_lib.write_json_atomic(self.run_dir / "leakage_audit.json", report)
+    file_io.write_json_atomic(self.run_dir / "leakage_audit.json", report, indent=1)
     return report
 
   def stage_retrieval(self, _) -> dict[str, Any]:

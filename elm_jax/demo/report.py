@@ -14,8 +14,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from elm_jax import file_io
 from elm_jax.demo import pipeline
-from elm_jax.demo import stages as stages_lib
 
 SYSTEMS = ("multitask", "retrieved", "oracle", "random", "merged")
 
@@ -153,9 +153,9 @@ def write_outputs(config: pipeline.DemoConfig, summaries: Mapping[str, Any],
   from elm_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
 
   results = build_results(config, summaries)
-  stages_lib.write_json_atomic(run_dir / "results.json", results)
+  file_io.write_json_atomic(run_dir / "results.json", results, indent=1)
   timings = dict(summaries.get("_timings", {}))
-  stages_lib.write_json_atomic(run_dir / "timings.json", timings)
+  file_io.write_json_atomic(run_dir / "timings.json", timings, indent=1)
 
   figures = run_dir / "figures"
   figures.mkdir(exist_ok=True)
@@ -254,6 +254,4 @@ def _write_markdown(config, summaries, results, timings, run_dir: Path, *, quick
       "",
   ]
   text = "\n".join(lines)
-  tmp = run_dir / ".report.md.tmp"
-  tmp.write_text(text, encoding="utf-8")
-  tmp.replace(run_dir / "report.md")
+  file_io.write_text_atomic(run_dir / "report.md", text)

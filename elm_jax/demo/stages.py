@@ -11,13 +11,14 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from absl import logging
 import tqdm
+
+from elm_jax import file_io
 
 T = TypeVar("T")
 
@@ -35,23 +36,6 @@ class Stage:
   name: str
   description: str
   run: Callable[[dict[str, Any]], dict[str, Any]]
-
-
-def write_json_atomic(path: str | os.PathLike[str], value: Any) -> None:
-  """Writes `value` as JSON to `path` through a temporary file and a rename."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(value, f, indent=1, sort_keys=True)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 def progress(items: Iterable[T], *, desc: str, total: int | None = None) -> Iterable[T]:
@@ -84,7 +68,8 @@ def run_stages(run_dir: str | os.PathLike[str], stages: Sequence[Stage]) -> dict
     start = time.perf_counter()
     summary = stage.run(summaries)
     seconds = time.perf_counter() - start
-    write_json_atomic(record_path, {"summary": summary, "seconds": seconds})
+    file_io.write_json_atomic(record_path, {"summary": summary, "seconds": seconds},
+                              indent=1)
     summaries[stage.name] = summary
     timings[stage.name] = seconds
     logging.info("[%d/%d] %s: done in %.1f s.", number, len(stages), stage.name, seconds)

@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # Must precede pyplot: no display is needed or wanted.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from elm_jax.evaluation import reports  # pylint: disable=g-import-not-at-top
+from elm_jax import file_io  # pylint: disable=g-import-not-at-top
 
 FORMATS = ("png", "svg")
 _DPI = 120
@@ -32,7 +32,7 @@ def _save(figure, output_stem: str | os.PathLike[str]) -> tuple[Path, ...]:
   paths = []
   for fmt in FORMATS:
     path = stem.with_name(f"{stem.name}.{fmt}")
-    with reports.atomic_writer(path, "wb") as f:
+    with file_io.atomic_writer(path, "wb") as f:
       figure.savefig(f, format=fmt, dpi=_DPI, bbox_inches="tight")
     paths.append(path)
   plt.close(figure)

@@ -12,17 +12,16 @@ file in the same folder, then a rename):
 | `results.md` | Markdown tables: overall, per dataset, per prompt |
 """
 
-import contextlib
 import csv
-import io
 import json
 import math
 import os
 from pathlib import Path
-import tempfile
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+from elm_jax import file_io
 from elm_jax.evaluation import aggregation
+from elm_jax.file_io import atomic_writer
 
 PREDICTIONS = "predictions.jsonl"
 PER_PROMPT_CSV = "per_prompt.csv"
@@ -33,32 +32,8 @@ OUTPUT_FILES = (PREDICTIONS, PER_PROMPT_CSV, PER_DATASET_CSV, RESULTS_JSON,
                 RESULTS_MARKDOWN)
 
 
-@contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str], mode: str = "w") -> Iterator[io.IOBase]:
-  """Opens a temporary file next to `path`; renames it onto `path` on success.
-
-  On an exception the temporary file is removed and `path` is left as it was.
-  """
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
-    with os.fdopen(fd, mode, **kwargs) as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_name, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp_name)
-    raise
-
-
 def write_json(path: str | os.PathLike[str], value: Any) -> None:
-  with atomic_writer(path) as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write("\n")
+  file_io.write_json_atomic(path, value)
 
 
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping]) -> None:

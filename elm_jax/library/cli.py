@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from elm_jax import file_io
 from elm_jax.library import instances as instances_lib
 from elm_jax.library import store
 
@@ -124,9 +125,7 @@ def _audit(args) -> int:
                            max_examples=args.examples)
   text = json.dumps(report, indent=1, ensure_ascii=False)
   if args.output:
-    tmp = Path(f"{args.output}.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    tmp.replace(args.output)
+    file_io.write_text_atomic(args.output, text + "\n")
   for section in ("library_samples", "training_instances"):
     if section in report:
       part = report[section]

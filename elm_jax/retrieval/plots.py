@@ -6,6 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
+from elm_jax import file_io
+
 METRICS = ("vote_share", "mean_top1_similarity")
 
 
@@ -40,8 +42,7 @@ def plot_heatmap(values: np.ndarray, *, targets: Sequence[str], experts: Sequenc
   ax.set_title(f"{metric.replace('_', ' ')} (red: the most similar expert)")
   fig.tight_layout()
   output = Path(output)
-  temp = output.with_name(f".{output.name}.tmp.png")
-  fig.savefig(temp, dpi=120)
+  with file_io.atomic_writer(output, "wb") as f:
+    fig.savefig(f, format="png", dpi=120)
   plt.close(fig)
-  os.replace(temp, output)
   return output

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from elm_jax import file_io
 from elm_jax.checkpoints import loading
 from elm_jax.models import t5
 from elm_jax.training import train_state as train_state_lib
@@ -220,12 +221,8 @@ def write_model_config(model_dir: str, config: t5.T5Config) -> None:
   """Write `model_config.json` (process 0 only; atomic)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(model_dir, exist_ok=True)
-  path = os.path.join(model_dir, MODEL_CONFIG_FILE)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  file_io.write_text_atomic(os.path.join(model_dir, MODEL_CONFIG_FILE),
+                            json.dumps(config.to_dict(), indent=2, sort_keys=True))
 
 
 # Model directories as initial checkpoints ----------------------------------------

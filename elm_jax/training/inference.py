@@ -5,7 +5,6 @@ Predictions go to a JSON Lines file, one object per example:
 """
 
 import json
-import os
 from typing import Any, Mapping
 
 from absl import logging
@@ -13,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elm_jax import file_io
 from elm_jax.checkpoints import experts
 from elm_jax.checkpoints import loading
 from elm_jax.models import decoding
@@ -96,10 +96,8 @@ def infer(*, checkpoint_path: str, task_name: str, feature_lengths: Mapping[str,
                 "prediction": vocabulary.decode(predicted)}
       out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-  os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-  tmp = f"{output_path}.tmp-{os.getpid()}"
   count = 0
-  with open(tmp, "w", encoding="utf-8") as out:
+  with file_io.atomic_writer(output_path) as out:
     rows: list[dict[str, Any]] = []
     for example in dataset.as_numpy_iterator():
       rows.append({"index": count, "inputs": np.asarray(example["inputs"]),
@@ -110,6 +108,5 @@ def infer(*, checkpoint_path: str, task_name: str, feature_lengths: Mapping[str,
         rows = []
     if rows:
       flush(rows, out)
-  os.replace(tmp, output_path)
   logging.info("Wrote %d predictions of %s (%s) to %s.", count, task_name, split, output_path)
   return output_path
