@@ -57,6 +57,19 @@ def test_retrieve_chooses_matching_expert(library, tmp_path, capsys):
   assert "telescope" in decision["nearest"][0]["query"]
 
 
+def test_retrieve_sharded_over_devices_gives_the_same_decision(library, tmp_path):
+  root, targets = library
+  records = []
+  for extra in ([], ["--shard"]):
+    output = tmp_path / f"choice{len(extra)}.json"
+    assert cli.main(["--library", str(root), "--instances", str(targets["cooking"]),
+                     "--router", "topk_weighted", "--k", "4", "--output", str(output)]
+                    + extra) == 0
+    records.append(json.loads(output.read_text())["decisions"][0])
+  assert records[0]["expert"] == "cooking"
+  assert records[0] == records[1]
+
+
 def test_retrieve_top_k_router(library, tmp_path):
   root, targets = library
   output = tmp_path / "choice.json"

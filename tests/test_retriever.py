@@ -28,17 +28,22 @@ def test_numpy_reference_breaks_ties_by_row():
   assert scores.tolist() == [[2.0, 2.0, 2.0, 1.0]]
 
 
-@pytest.mark.parametrize("rows,chunk_size,k", [
-    (1, 64, 1),       # one row
-    (37, 8, 5),       # chunks of 8 rows, last one partial
-    (1003, 64, 10),   # many chunks
-    (1003, 100, 7),   # chunk size not a multiple of 8
-    (1003, 4096, 10),  # one chunk larger than the library
+@pytest.mark.parametrize("rows,chunk_size,block_size,k", [
+    (1, 64, None, 1),        # one row
+    (37, 8, None, 5),        # chunks of 8 rows, last one partial
+    (1003, 64, None, 10),    # many chunks
+    (1003, 100, None, 7),    # chunk size not a multiple of the block size
+    (1003, 4096, None, 10),  # one chunk larger than the library
+    (1003, 64, 1, 10),       # one row per block
+    (1003, 96, 3, 10),       # blocks of 3 rows
+    (40, 40, 8, 10),         # k larger than the number of blocks (5): all rescored
+    (5000, 512, 64, 33),     # k blocks of 64 rows, many ties between blocks
 ])
-def test_exact_matches_numpy_with_ties(rows, chunk_size, k):
+def test_exact_matches_numpy_with_ties(rows, chunk_size, block_size, k):
   queries, keys = _integer_data(rows, 11, 9, seed=rows)
   expected_scores, expected_indices = retriever_lib.numpy_top_k(queries, keys, k)
-  scores, indices = retriever_lib.exact_top_k(queries, keys, k, chunk_size=chunk_size)
+  retriever = retriever_lib.Retriever(keys, chunk_size=chunk_size, block_size=block_size)
+  scores, indices = retriever.search(queries, k)
   np.testing.assert_array_equal(indices, expected_indices)
   np.testing.assert_array_equal(scores, expected_scores)
 
@@ -57,7 +62,7 @@ def test_sharded_matches_numpy(rows, chunk_size):
   mesh = retriever_lib.rows_mesh()
   queries, keys = _integer_data(rows, 13, 6, seed=rows + 1)
   expected_scores, expected_indices = retriever_lib.numpy_top_k(queries, keys, 8)
-  retriever = retriever_lib.Retriever(keys, chunk_size=chunk_size, mesh=mesh, max_k=8)
+  retriever = retriever_lib.Retriever(keys, chunk_size=chunk_size, mesh=mesh)
   assert retriever.layout.shards == 8
   assert retriever.keys.sharding.spec[0] == "rows"
   scores, indices = retriever.search(queries, 8)
@@ -83,6 +88,50 @@ def test_approximate_recall_is_reported():
 
 def test_recall_counts_overlap():
   assert retriever_lib.recall(np.array([[1, 2], [3, 4]]), np.array([[2, 9], [4, 3]])) == 0.75
+
+
+def test_equal_block_maxima_keep_the_lower_rows():
+  # Every block has the same best score, so only the first k blocks' rows may win.
+  keys = np.tile(np.array([[3.0], [1.0], [2.0], [0.0]], np.float32), (50, 1))
+  queries = np.ones((2, 1), np.float32)
+  retriever = retriever_lib.Retriever(keys, chunk_size=16, block_size=4)
+  scores, indices = retriever.search(queries, 6)
+  expected_scores, expected_indices = retriever_lib.numpy_top_k(queries, keys, 6)
+  np.testing.assert_array_equal(indices, expected_indices)
+  assert indices[0].tolist() == [0, 4, 8, 12, 16, 20]
+  np.testing.assert_array_equal(scores, expected_scores)
+
+
+def test_padding_rows_never_win_over_negative_scores():
+  # Padding rows are zero vectors. With all real scores negative they must still lose.
+  keys = -np.ones((37, 4), np.float32)
+  keys[5] = -0.5
+  retriever = retriever_lib.Retriever(keys, chunk_size=16, block_size=8)
+  assert retriever.layout.padded_rows > 37
+  scores, indices = retriever.search(np.ones((1, 4), np.float32), 37)
+  assert indices[0, 0] == 5
+  assert sorted(indices[0].tolist()) == list(range(37))
+  assert (scores < 0).all()
+
+
+def test_automatic_block_size_grows_with_the_library():
+  sizes = [retriever_lib.auto_block_size(rows, 10, 384) for rows in (1000, 300_000, 3_000_000)]
+  assert sizes == sorted(sizes) and sizes[0] == 8 and sizes[-1] == 32
+  queries, keys = _integer_data(3000, 5, 3, seed=2)
+  retriever = retriever_lib.Retriever(keys, chunk_size=96)
+  assert retriever.layout.chunk_size % retriever.block_for(10) == 0
+
+
+def test_block_larger_than_chunk_is_rejected():
+  with pytest.raises(ValueError, match="block_size in"):
+    retriever_lib.Retriever(np.ones((10, 3), np.float32), chunk_size=8, block_size=16)
+
+
+def test_non_finite_keys_are_rejected():
+  keys = np.ones((10, 3), np.float32)
+  keys[7, 1] = np.nan
+  with pytest.raises(ValueError, match="row 7"):
+    retriever_lib.Retriever(keys)
 
 
 def test_invalid_k_is_rejected():

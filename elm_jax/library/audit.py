@@ -22,7 +22,7 @@ def _nearest_eval(vectors: np.ndarray, eval_vectors: np.ndarray) -> tuple[np.nda
   from elm_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
   if len(vectors) == 0:
     return np.zeros(0, np.float32), np.zeros(0, np.int32)
-  search = retriever_lib.Retriever(eval_vectors, max_k=1)
+  search = retriever_lib.Retriever(eval_vectors)
   scores, indices = [], []
   for start in range(0, len(vectors), _QUERY_BATCH):
     s, i = search.search(vectors[start:start + _QUERY_BATCH], 1)

@@ -9,17 +9,18 @@ Examples:
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from elm_jax import file_io
 from elm_jax.library import cli as library_cli
 from elm_jax.library import instances as instances_lib
 from elm_jax.library import store
 from elm_jax.retrieval import plots
+from elm_jax.retrieval import retriever as retriever_lib
 from elm_jax.retrieval import selector as selector_lib
 
 
@@ -71,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--heatmap", help="write a target x expert heatmap PNG here")
   parser.add_argument("--heatmap-metric", choices=plots.METRICS, default="vote_share")
   parser.add_argument("--model-dir", help="embedding model folder (default: fetched)")
+  parser.add_argument("--shard", action="store_true",
+                      help="split the library rows over all local JAX devices; on a "
+                      "CPU, start with XLA_FLAGS='--xla_force_host_platform_device_count"
+                      "=CORES --xla_cpu_multi_thread_eigen=false' for one device per core")
   args = parser.parse_args(argv)
 
   targets = list(args.task) + list(args.instances)
@@ -79,8 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     library = store.Library(args.library)
     embedder = library_cli.build_library_embedder(library.manifest, args.model_dir)
-    selector = selector_lib.ExpertSelector(library, embedder=embedder,
-                                           max_k=max(args.k, 1))
+    mesh = retriever_lib.rows_mesh() if args.shard else None
+    selector = selector_lib.ExpertSelector(library, embedder=embedder, mesh=mesh)
     samples = library.load_samples()
 
     records, profiles = [], []
@@ -104,10 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.output:
     output = {"library": str(library.root), "generation": library.generation,
               "router": args.router, "seed": args.seed, "decisions": records}
-    temp = Path(f"{args.output}.tmp")
-    temp.write_text(json.dumps(output, indent=1, ensure_ascii=False) + "\n",
-                    encoding="utf-8")
-    os.replace(temp, args.output)
+    file_io.write_text_atomic(args.output,
+                              json.dumps(output, indent=1, ensure_ascii=False) + "\n")
     print(f"Wrote {args.output}.")
   if args.heatmap:
     labels = [Path(t).name if t in args.instances else t for t in targets]

@@ -1,13 +1,21 @@
 """Nearest library entries by inner product: exact top-k in JAX, chunked and sharded.
 
-The library matrix is padded and split into `shards x chunks x chunk_size` rows.
-Each shard (one device of the mesh axis) scans its chunks: a [queries, chunk] matrix
-product, a per-chunk `lax.top_k`, and a merge with the running top-k, so memory
-stays at one chunk of scores. The per-shard results are then merged once more.
+Search runs in two passes over each device's rows:
+
+1. Block maxima. The rows are split into chunks of a few thousand rows, and each
+   chunk into blocks of 8 to 32 rows (more for larger libraries). A `lax.scan`
+   over the chunks computes a [chunk, queries] matrix product and keeps only each
+   block's largest score, so the scores never leave the cache and memory beyond the
+   keys is one chunk of scores plus `queries * rows / block` maxima.
+2. Rescoring. `lax.top_k` over the block maxima picks k blocks per query. The exact
+   top-k lies inside them: a row outside them is beaten by the maxima of k chosen
+   blocks. Those k * block rows are gathered, scored again and ranked.
+
+Per-device results are merged with one more `lax.top_k`.
 
 Ties go to the lower row index everywhere: `lax.top_k` keeps the lower index first
-among equal values, and every merge lists candidates in increasing row order, so the
-result equals `numpy_top_k`, the reference.
+among equal values, the blocks are ranked in row order, and every candidate list is
+in increasing row order, so the result equals `numpy_top_k`, the reference.
 """
 
 import dataclasses
@@ -20,7 +28,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-DEFAULT_CHUNK_SIZE = 65536
+# Measured on a 2-core CPU (benchmarks/retrieval.py): chunks of 2k-8k rows keep the
+# product's output in cache; 64k-row chunks ran at half the speed.
+DEFAULT_CHUNK_SIZE = 4096
+# Chunks are whole multiples of this many rows, so any block size up to it fits.
+_ROW_ALIGNMENT = 32
+
+
+def auto_block_size(rows: int, k: int, dim: int) -> int:
+  """Returns the rows per block that balance the two passes' extra work.
+
+  Pass 1 leaves `rows / block` maxima per query for `lax.top_k`, and pass 2 gathers
+  `k * block` rows of `dim` values per query. Counting a maximum as five gathered
+  values (a rough fit to timings on a 2-core CPU), the two meet at
+  sqrt(5 * rows / (k * dim)). The block size changes speed only, never the result.
+  """
+  best = math.sqrt(5 * rows / (k * dim))
+  return int(min(_ROW_ALIGNMENT, max(8, 2 ** round(math.log2(max(best, 1))))))
 
 
 def numpy_top_k(queries: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,42 +78,43 @@ def recall(approx_indices: np.ndarray, exact_indices: np.ndarray) -> float:
   return hits / exact_indices.size
 
 
-def _merge(scores_a, indices_a, scores_b, indices_b, k):
-  """Top-k of two candidate lists; every index in `a` is lower than those in `b`."""
-  scores = jnp.concatenate([scores_a, scores_b], axis=1)  # [q, 2k]
-  indices = jnp.concatenate([indices_a, indices_b], axis=1)
-  top_scores, position = jax.lax.top_k(scores, k)
-  return top_scores, jnp.take_along_axis(indices, position, axis=1)
+def _search_rows(queries, keys, base, *, num_rows, k, block, layout, approximate,
+                 recall_target, precision):
+  """Top-k over one device's `keys` [rows, d], whose first row has global index `base`.
 
+  Returns (scores [q, k], global row indices [q, k]); padding rows score -inf.
+  """
+  num_queries, dim = queries.shape
+  chunk = layout.chunk_size
 
-def _scan_chunks(queries, keys, base, *, num_rows, k, chunk_size, approximate,
-                 recall_target, precision, varying_axis=None):
-  """Top-k over `keys` [rows, d], whose first row has global index `base`."""
-  num_chunks = keys.shape[0] // chunk_size
-  chunks = keys.reshape(num_chunks, chunk_size, keys.shape[1])  # [chunks, chunk, d]
-  q = queries.shape[0]
+  def block_maxima(_, inputs):
+    chunk_keys, start = inputs
+    scores = jax.lax.dot_general(
+        chunk_keys.astype(jnp.float32), queries, (((1,), (1,)), ((), ())),
+        precision=precision, preferred_element_type=jnp.float32)  # [chunk, q]
+    rows = base + start + jnp.arange(chunk, dtype=jnp.int32)
+    scores = jnp.where(rows[:, None] < num_rows, scores, -jnp.inf)
+    return None, scores.reshape(chunk // block, block, num_queries).max(axis=1)
 
-  def step(carry, inputs):
-    best_scores, best_indices = carry
-    chunk, chunk_index = inputs
-    start = base + chunk_index * chunk_size
-    scores = jnp.dot(queries, chunk.astype(jnp.float32).T, precision=precision,
-                     preferred_element_type=jnp.float32)  # [q, chunk]
-    rows = start + jnp.arange(chunk_size, dtype=jnp.int32)
-    scores = jnp.where(rows[None, :] < num_rows, scores, -jnp.inf)
-    if approximate:
-      top, position = jax.lax.approx_max_k(scores, k, recall_target=recall_target)
-    else:
-      top, position = jax.lax.top_k(scores, k)
-    return _merge(best_scores, best_indices, top, rows[position], k), None
-
-  init = (jnp.full((q, k), -jnp.inf, jnp.float32), jnp.full((q, k), -1, jnp.int32))
-  if varying_axis is not None:
-    # Inside shard_map the carry differs per shard; the constant init must say so.
-    init = jax.lax.pcast(init, (varying_axis,), to="varying")
-  (scores, indices), _ = jax.lax.scan(
-      step, init, (chunks, jnp.arange(num_chunks, dtype=jnp.int32)))
-  return scores, indices
+  starts = jnp.arange(layout.chunks_per_shard, dtype=jnp.int32) * chunk
+  _, maxima = jax.lax.scan(
+      block_maxima, None, (keys.reshape(layout.chunks_per_shard, chunk, dim), starts))
+  maxima = maxima.reshape(-1, num_queries).T  # [q, blocks], blocks in row order
+  num_blocks = min(k, maxima.shape[1])
+  if approximate:
+    _, blocks = jax.lax.approx_max_k(maxima, num_blocks, recall_target=recall_target)
+  else:
+    _, blocks = jax.lax.top_k(maxima, num_blocks)
+  blocks = jnp.sort(blocks, axis=1)  # candidates in increasing row order
+  local_rows = (blocks[:, :, None] * block
+                + jnp.arange(block, dtype=jnp.int32)).reshape(num_queries, -1)
+  candidates = keys[local_rows].astype(jnp.float32)  # [q, num_blocks * block, d]
+  scores = jnp.einsum("qd,qrd->qr", queries, candidates, precision=precision,
+                      preferred_element_type=jnp.float32)
+  rows = base + local_rows
+  scores = jnp.where(rows < num_rows, scores, -jnp.inf)
+  top, position = jax.lax.top_k(scores, k)
+  return top, jnp.take_along_axis(rows, position, axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,20 +128,22 @@ class _Layout:
     return self.shards * self.chunks_per_shard * self.chunk_size
 
 
-def _layout(num_rows: int, shards: int, chunk_size: int, k: int) -> _Layout:
-  """Splits rows into equal chunks of at most about `chunk_size` and at least k rows.
+def _layout(num_rows: int, shards: int, chunk_size: int, alignment: int) -> _Layout:
+  """Splits rows into equal chunks of about `chunk_size` rows, multiples of `alignment`.
 
-  When some chunk count near the smallest one divides the rows exactly (in chunks of
-  a multiple of 8 rows), that count is used, so no padded copy of the keys is needed.
+  When some chunk count near the smallest one divides the rows exactly, that count is
+  used, so no padded copy of the keys is needed (3M rows: 750 chunks of 4,000).
   """
+  block = alignment
   per_shard = math.ceil(num_rows / shards)
   fewest = max(1, math.ceil(per_shard / chunk_size))
   if per_shard * shards == num_rows:
-    for count in range(fewest, fewest + 16):
+    for count in range(fewest, fewest + fewest // 4 + 16):
       chunk = per_shard // count
-      if chunk * count == per_shard and chunk % 8 == 0 and chunk >= k:
+      if chunk * count == per_shard and chunk % block == 0:
         return _Layout(shards, chunk, count)
-  chunk = max(-(-math.ceil(per_shard / fewest) // 8) * 8, k)
+  blocks_per_chunk = math.ceil(math.ceil(per_shard / fewest) / block)
+  chunk = blocks_per_chunk * block
   return _Layout(shards, chunk, math.ceil(per_shard / chunk))
 
 
@@ -124,25 +151,37 @@ class Retriever:
   """Exact (or approximate) top-k search over a fixed library matrix.
 
   Args:
-    keys: [rows, dim] library embeddings (float32 or float16).
-    chunk_size: rows scored at once per device.
+    keys: [rows, dim] library embeddings (float32 or float16), all finite.
+    chunk_size: rows scored per step of the scan on each device (about; chunks are
+      whole blocks).
+    block_size: rows summarized by one maximum; a search rescores k blocks per query.
+      None picks 8 to 32 by `auto_block_size` for each k.
     mesh: shard the rows over `axis_name` of this mesh; None uses one device.
-    max_k: the largest k that `search` will be asked for (chunks hold at least k rows).
     precision: matrix product precision; HIGHEST keeps float32 on accelerators.
   """
 
   def __init__(self, keys: np.ndarray, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-               mesh: Mesh | None = None, axis_name: str = "rows", max_k: int = 64,
-               precision: Any = jax.lax.Precision.HIGHEST):
+               block_size: int | None = None, mesh: Mesh | None = None,
+               axis_name: str = "rows", precision: Any = jax.lax.Precision.HIGHEST):
     keys = np.asarray(keys)
     if keys.ndim != 2 or keys.shape[0] == 0:
       raise ValueError(f"keys must be a non-empty [rows, dim] matrix, got {keys.shape}.")
+    if not np.issubdtype(keys.dtype, np.floating):
+      raise ValueError(f"keys must be floating point, got {keys.dtype}.")
+    if not np.isfinite(keys).all():
+      bad = int(np.flatnonzero(~np.isfinite(keys).all(axis=1))[0])
+      raise ValueError(f"keys row {bad} holds NaN or infinity; re-embed that entry.")
+    if chunk_size < 1 or (block_size is not None and not 0 < block_size <= chunk_size):
+      raise ValueError(f"chunk_size must be positive and block_size in [1, chunk_size], "
+                       f"got {chunk_size} and {block_size}.")
     self.num_rows, self.dim = keys.shape
+    self.block_size = block_size
     self.mesh = mesh
     self.axis_name = axis_name
     self.precision = precision
     shards = mesh.shape[axis_name] if mesh is not None else 1
-    self.layout = _layout(self.num_rows, shards, chunk_size, min(max_k, self.num_rows))
+    self.layout = _layout(self.num_rows, shards, chunk_size,
+                          block_size or min(_ROW_ALIGNMENT, chunk_size))
     if self.layout.padded_rows == self.num_rows:
       padded = keys
     else:
@@ -155,19 +194,26 @@ class Retriever:
     self._search = jax.jit(self._search_impl, static_argnames=("k", "approximate",
                                                                "recall_target"))
 
+  def block_for(self, k: int) -> int:
+    """Returns the rows per block that a search for k neighbors uses."""
+    if self.block_size is not None:
+      return self.block_size
+    rows = self.layout.chunks_per_shard * self.layout.chunk_size
+    return math.gcd(auto_block_size(rows, k, self.dim), self.layout.chunk_size)
+
   def _search_impl(self, queries, keys, *, k, approximate, recall_target):
-    layout = self.layout
-    scan = functools.partial(
-        _scan_chunks, num_rows=self.num_rows, k=k, chunk_size=layout.chunk_size,
+    search = functools.partial(
+        _search_rows, num_rows=self.num_rows, k=k, block=self.block_for(k),
+        layout=self.layout,
         approximate=approximate, recall_target=recall_target, precision=self.precision)
     if self.mesh is None:
-      return scan(queries, keys, 0)
+      return search(queries, keys, 0)
 
-    rows_per_shard = layout.chunks_per_shard * layout.chunk_size
+    rows_per_shard = self.layout.chunks_per_shard * self.layout.chunk_size
 
     def per_shard(queries, local_keys):
       base = jax.lax.axis_index(self.axis_name) * rows_per_shard
-      return scan(queries, local_keys, base, varying_axis=self.axis_name)
+      return search(queries, local_keys, base)
 
     # [q, shards * k], listed shard by shard, so in increasing row order.
     scores, indices = jax.shard_map(
@@ -182,9 +228,9 @@ class Retriever:
     queries = np.asarray(queries, np.float32)
     if queries.ndim != 2 or queries.shape[1] != self.dim:
       raise ValueError(f"queries must be [q, {self.dim}], got {queries.shape}.")
-    if not 0 < k <= min(self.num_rows, self.layout.chunk_size):
-      raise ValueError(f"k must be in [1, {min(self.num_rows, self.layout.chunk_size)}] "
-                       f"for this retriever (rows {self.num_rows}), got {k}; raise max_k.")
+    if not 0 < k <= self.num_rows:
+      raise ValueError(f"k must be in [1, {self.num_rows}] (the number of library "
+                       f"rows), got {k}.")
     scores, indices = self._search(jnp.asarray(queries), self.keys, k=k,
                                    approximate=approximate, recall_target=recall_target)
     return np.asarray(scores), np.asarray(indices)
@@ -194,7 +240,7 @@ def exact_top_k(queries: np.ndarray, keys: np.ndarray, k: int, *,
                 chunk_size: int = DEFAULT_CHUNK_SIZE,
                 mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
   """One-off exact top-k; build a Retriever to search the same keys repeatedly."""
-  return Retriever(keys, chunk_size=chunk_size, mesh=mesh, max_k=k).search(queries, k)
+  return Retriever(keys, chunk_size=chunk_size, mesh=mesh).search(queries, k)
 
 
 def approximate_recall(queries: np.ndarray, retriever: Retriever, k: int, *,

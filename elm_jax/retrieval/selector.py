@@ -28,11 +28,10 @@ class ExpertSelector:
     library: an opened Library; its embeddings are loaded and checked once.
     embedder: the library's embedding model (checked by fingerprint).
     mesh, chunk_size: passed to the Retriever.
-    max_k: the largest number of neighbors a router will ask for.
   """
 
   def __init__(self, library: Library, *, embedder: Any, mesh: Mesh | None = None,
-               chunk_size: int = retriever_lib.DEFAULT_CHUNK_SIZE, max_k: int = 16):
+               chunk_size: int = retriever_lib.DEFAULT_CHUNK_SIZE):
     self.library = library
     self.embedder = embedder
     self.index = library.load_index(embedder=embedder)
@@ -40,7 +39,7 @@ class ExpertSelector:
       raise ValueError(f"{library.root} has no experts; add some with "
                        "`elm-jax library add`.")
     self.retriever = retriever_lib.Retriever(self.index.embeddings, chunk_size=chunk_size,
-                                             mesh=mesh, max_k=max_k)
+                                             mesh=mesh)
     self.query_max_length = library.manifest["embedding"]["query_max_length"]
 
   def embed(self, queries: Sequence[Instance]) -> np.ndarray:
