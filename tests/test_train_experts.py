@@ -123,3 +123,16 @@ def test_infer_decodes_trained_model(dataset_expert_run, tmp_path):
   records = [json.loads(line) for line in output.read_text().splitlines()]
   assert [r["index"] for r in records] == [0, 1, 2]
   assert all(isinstance(r["prediction"], str) and r["target"] for r in records)
+
+
+def test_packing_values_choose_the_packer():
+  from elm_jax.data import feature_converters  # pylint: disable=g-import-not-at-top
+  from elm_jax.training import input_pipeline  # pylint: disable=g-import-not-at-top
+  assert input_pipeline.packer_name(True) == "first_fit"
+  assert input_pipeline.packer_name(False) == "none"
+  assert isinstance(input_pipeline.make_feature_converter("first_fit", 0),
+                    feature_converters.FirstFitEncDecFeatureConverter)
+  seqio_packer = input_pipeline.make_feature_converter("seqio", 0)
+  assert type(seqio_packer) is seqio.EncDecFeatureConverter and seqio_packer.pack
+  with pytest.raises(ValueError, match="packing='dense'"):
+    input_pipeline.packer_name("dense")

@@ -1,7 +1,8 @@
 """Feature converters: packed training batches and grouped scoring batches.
 
-Training uses seqio's `EncDecFeatureConverter`; with packing, several examples
-share one row and `*_segment_ids` / `*_positions` tell them apart.
+Training uses seqio's `EncDecFeatureConverter` or `FirstFitEncDecFeatureConverter`
+(the same features, packed denser); with packing, several examples share one row
+and `*_segment_ids` / `*_positions` tell them apart.
 
 Scoring (rank classification) packs the answer choices of one example into one
 decoder row, so the encoder runs once per example:
@@ -179,6 +180,69 @@ def pack_first_fit(examples: Iterable[Mapping[str, Any]], *,
     yield from flush()
   if pending and not drop_remainder:
     yield {k: np.stack([r[k] for r in pending]) for k in pending[0]}
+
+
+_PACKED_FEATURES = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions",
+                    "decoder_target_tokens", "decoder_segment_ids", "decoder_positions",
+                    "decoder_input_tokens", "decoder_loss_weights")
+
+
+class FirstFitEncDecFeatureConverter(seqio.EncDecFeatureConverter):
+  """seqio's packed encoder-decoder features, packed first-fit decreasing in tf.data.
+
+  This is the tf.data form of `pack_first_fit`. Examples are grouped in windows of
+  `window`, and each window is packed by `_first_fit_rows`. Its rows come out in an
+  order seeded by (`seed`, window number), so the stream is a pure function of its
+  input and resumes exactly. The last window of a finite dataset may be smaller.
+  Use it wherever `seqio.EncDecFeatureConverter(pack=True)` fits.
+
+  Args:
+    window: examples packed together; larger packs denser and costs memory.
+    seed: the seed of the row order within each window.
+  """
+
+  def __init__(self, window: int = 1000, seed: int = 0, **kwargs):
+    if window < 1:
+      raise ValueError(f"window must be positive, got {window}.")
+    super().__init__(pack=True, **kwargs)
+    self._window = window
+    self._seed = seed
+
+  def _convert_features(self, ds: tf.data.Dataset,
+                        task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+    lengths = (task_feature_lengths["inputs"], task_feature_lengths["targets"])
+    seed = self._seed
+
+    def trim(example):
+      inputs = example["inputs"][:lengths[0]]
+      targets = example["targets"][:lengths[1]]
+      return {"inputs": inputs, "targets": targets,
+              "inputs_length": tf.size(inputs), "targets_length": tf.size(targets)}
+
+    def pack_window(index, inputs, inputs_length, targets, targets_length):
+      window = [(inputs[i, :inputs_length[i]], targets[i, :targets_length[i]])
+                for i in range(inputs.shape[0])]
+      rng = np.random.default_rng([seed, int(index)])
+      rows = [_packed_row(row, lengths) for row in _first_fit_rows(window, lengths, rng)]
+      return tuple(np.stack([r[name] for r in rows]).astype(np.int32)
+                   for name in _PACKED_FEATURES)
+
+    def to_rows(index, batch):
+      packed = tf.numpy_function(
+          pack_window, [index, batch["inputs"], batch["inputs_length"], batch["targets"],
+                        batch["targets_length"]], [tf.int32] * len(_PACKED_FEATURES),
+          stateful=False)
+      features = {}
+      for name, value in zip(_PACKED_FEATURES, packed):
+        length = lengths[0] if name.startswith("encoder") else lengths[1]
+        features[name] = tf.ensure_shape(value, [None, length])
+      return tf.data.Dataset.from_tensor_slices(features)
+
+    ds = ds.map(trim, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.padded_batch(self._window, padded_shapes={
+        "inputs": [lengths[0]], "targets": [lengths[1]], "inputs_length": [],
+        "targets_length": []})
+    return ds.enumerate().flat_map(to_rows)
 
 
 # ---------------------------------------------------------------------------

@@ -22,6 +22,11 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from elm_jax.data import feature_converters
+
+# Ways to fill training rows: one example each ("none"), seqio's packer, which closes a
+# row when the next example does not fit, or first-fit decreasing over windows.
+PACKERS = ("none", "seqio", "first_fit")
 Batch = dict[str, np.ndarray]
 BatchTransform = Callable[[int, Batch], Batch]
 
@@ -60,13 +65,31 @@ class DataSpec:
   feature_lengths: tuple[tuple[str, int], ...]
   global_batch_size: int
   seed: int
-  packing: bool
+  packing: str
 
   def to_json(self) -> dict[str, Any]:
     return {"provider": self.provider_name, "split": self.split,
             "feature_lengths": dict(self.feature_lengths),
             "global_batch_size": self.global_batch_size, "seed": self.seed,
             "packing": self.packing}
+
+
+def packer_name(packing: bool | str) -> str:
+  """Returns one of PACKERS; True means "first_fit", the denser packer."""
+  if packing is True:
+    return "first_fit"
+  if packing is False:
+    return "none"
+  if packing not in PACKERS:
+    raise ValueError(f"packing={packing!r} is not True, False or one of {PACKERS}.")
+  return packing
+
+
+def make_feature_converter(packing: str, seed: int) -> seqio.FeatureConverter:
+  """Returns the encoder-decoder feature converter of a `packer_name` value."""
+  if packing == "first_fit":
+    return feature_converters.FirstFitEncDecFeatureConverter(seed=seed)
+  return seqio.EncDecFeatureConverter(pack=packing == "seqio")
 
 
 def _converted(provider: seqio.DatasetProviderBase, *, split: str,
