@@ -142,8 +142,8 @@ def main(argv=None) -> int:
       "",
       f"- Command: `{command.strip()}`",
       f"- Machine: {_cpu_model()}, {os.cpu_count()} CPUs visible, Python "
-      f"{platform.python_version()}; shared with other jobs, so compare ratios "
-      "within this run.",
+      f"{platform.python_version()}; load average at the end "
+      f"{os.getloadavg()[0]:.1f} (the benchmark itself keeps about 2 busy).",
       f"- Date: {datetime.date.today().isoformat()}",
       f"- Batch size {args.batch_size}; per row {warmup} untimed batches (startup: "
       f"building ~300 Task pipelines, reading cached splits, warming up), then "

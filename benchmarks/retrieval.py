@@ -118,17 +118,23 @@ def per_core_worker(sizes: list[int], repeats: int, chunk_size: int,
   print(json.dumps(record))
 
 
-def run_per_core(sizes: list[int], repeats: int, chunk_size: int,
-                 block_size: int | None) -> dict:
-  """Runs `per_core_worker` in a subprocess with one JAX CPU device per core."""
-  env = dict(os.environ, XLA_FLAGS=PER_CORE_FLAGS.format(cores=os.cpu_count()))
-  command = [sys.executable, os.path.abspath(__file__), "--per-core-worker",
+def _run_worker(flag: str, sizes: list[int], repeats: int, chunk_size: int,
+                block_size: int | None, env: dict[str, str]) -> dict:
+  """Runs this script with `flag` in a subprocess and returns its JSON line."""
+  command = [sys.executable, os.path.abspath(__file__), flag,
              "--sizes", ",".join(map(str, sizes)), "--repeats", str(repeats),
              "--chunk-size", str(chunk_size)]
   if block_size is not None:
     command += ["--block-size", str(block_size)]
   done = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True)
-  record = json.loads(done.stdout.strip().splitlines()[-1])
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_per_core(sizes: list[int], repeats: int, chunk_size: int,
+                 block_size: int | None) -> dict:
+  """Runs `per_core_worker` in a subprocess with one JAX CPU device per core."""
+  env = dict(os.environ, XLA_FLAGS=PER_CORE_FLAGS.format(cores=os.cpu_count()))
+  record = _run_worker("--per-core-worker", sizes, repeats, chunk_size, block_size, env)
   record["sizes"] = {int(rows): value for rows, value in record["sizes"].items()}
   return record
 

@@ -70,6 +70,17 @@ def test_sharded_matches_numpy(rows, chunk_size):
   np.testing.assert_array_equal(scores, expected_scores)
 
 
+def test_sharded_k_above_rows_per_device():
+  # 8 devices of 16 rows each, and k = 50 of 100 rows: no device alone has k rows.
+  queries, keys = _integer_data(100, 7, 3, seed=9)
+  retriever = retriever_lib.Retriever(keys, chunk_size=16, mesh=retriever_lib.rows_mesh())
+  assert retriever.layout.chunks_per_shard * retriever.layout.chunk_size < 50
+  expected_scores, expected_indices = retriever_lib.numpy_top_k(queries, keys, 50)
+  scores, indices = retriever.search(queries, 50)
+  np.testing.assert_array_equal(indices, expected_indices)
+  np.testing.assert_array_equal(scores, expected_scores)
+
+
 def test_float16_keys_match_numpy_on_the_same_values():
   queries, keys = _integer_data(300, 9, 4, seed=5)
   keys16 = keys.astype(np.float16)

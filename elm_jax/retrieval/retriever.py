@@ -113,7 +113,9 @@ def _search_rows(queries, keys, base, *, num_rows, k, block, layout, approximate
                       preferred_element_type=jnp.float32)
   rows = base + local_rows
   scores = jnp.where(rows < num_rows, scores, -jnp.inf)
-  top, position = jax.lax.top_k(scores, k)
+  # A device's share of a sharded library may be smaller than k; the merge across
+  # devices then still sees at least k rows.
+  top, position = jax.lax.top_k(scores, min(k, scores.shape[1]))
   return top, jnp.take_along_axis(rows, position, axis=1)
 
 
