@@ -57,7 +57,7 @@ def test_retrieve_chooses_matching_expert(library, tmp_path, capsys):
   assert "telescope" in decision["nearest"][0]["query"]
 
 
-def test_retrieve_sharded_over_devices_gives_the_same_decision(library, tmp_path):
+def test_retrieve_sharded_same_decision(library, tmp_path):
   root, targets = library
   records = []
   for extra in ([], ["--shard"]):

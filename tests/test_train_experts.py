@@ -133,6 +133,7 @@ def test_packing_values_choose_the_packer():
   assert isinstance(input_pipeline.make_feature_converter("first_fit", 0),
                     feature_converters.FirstFitEncDecFeatureConverter)
   seqio_packer = input_pipeline.make_feature_converter("seqio", 0)
-  assert type(seqio_packer) is seqio.EncDecFeatureConverter and seqio_packer.pack
+  assert type(seqio_packer) is seqio.EncDecFeatureConverter
+  assert seqio_packer.pack
   with pytest.raises(ValueError, match="packing='dense'"):
     input_pipeline.packer_name("dense")

@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--heatmap-metric", choices=plots.METRICS, default="vote_share")
   parser.add_argument("--model-dir", help="embedding model folder (default: fetched)")
   parser.add_argument("--shard", action="store_true",
-                      help="split the library rows over all local JAX devices; on a "
+                      help="split the library rows over all local JAX devices. On a "
                       "CPU, start with XLA_FLAGS='--xla_force_host_platform_device_count"
                       "=CORES --xla_cpu_multi_thread_eigen=false' for one device per core")
   args = parser.parse_args(argv)
