@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # pylint: disable=g-import-not-at-top
 import seqio  # pylint: disable=g-import-not-at-top
 
+from elm_jax import file_io  # pylint: disable=g-import-not-at-top
 from elm_jax.data import feature_converters as fc  # pylint: disable=g-import-not-at-top
 from elm_jax.tasks import bigbench as bigbench_tasks  # pylint: disable=g-import-not-at-top
 
@@ -179,8 +180,7 @@ def main(argv=None) -> int:
   text = "\n".join(lines) + "\n"
   print(text)
   if args.output:
-    with open(args.output, "w", encoding="utf-8") as f:
-      f.write(text)
+    file_io.write_text_atomic(args.output, text)
   return 0
 
 

@@ -47,6 +47,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
+from elm_jax import file_io
 from elm_jax.data import fetch
 from elm_jax.models import embedders
 from elm_jax.retrieval import retriever as retriever_lib
@@ -227,7 +228,7 @@ def _verdict(met: list[bool]) -> str:
 
 
 def goal_summary(results: list[dict], peak: float) -> str:
-  """Returns Markdown lines that say whether each speed goal was met, from the figures."""
+  """Returns Markdown lines stating, from the figures, whether each speed goal was met."""
   lines = ["Against the goals (at least as fast as FAISS `IndexFlatIP` on its BLAS path; "
            "at least 60% of the measured matrix-product peak):"]
   for name, key in (("one device", "jax"), ("one device per core", "per_core")):
@@ -348,8 +349,7 @@ def main(argv: list[str] | None = None) -> int:
   text = render(results, max(peaks.values()), peaks, per_core["devices"], embedding, argv)
   print(text)
   if args.output:
-    with open(args.output, "w", encoding="utf-8") as f:
-      f.write(text)
+    file_io.write_text_atomic(args.output, text)
   return 0
 
 

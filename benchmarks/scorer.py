@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from elm_jax import file_io
 from elm_jax.data import vocab as vocab_lib
 from elm_jax.evaluation import scorer as scorer_lib
 from elm_jax.models import t5
@@ -133,8 +134,7 @@ def main():
   section = run(args)
   print(section)
   if args.output:
-    with open(args.output, "w", encoding="utf-8") as f:
-      f.write(section)
+    file_io.write_text_atomic(args.output, section)
 
 
 if __name__ == "__main__":

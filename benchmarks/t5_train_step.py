@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from elm_jax import file_io
+
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot"
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 0.01
@@ -285,10 +287,7 @@ def main(argv=None):
   text = "\n".join(lines) + "\n"
   print(text)
   if args.output:
-    tmp = args.output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, args.output)
+    file_io.write_text_atomic(args.output, text)
   return 0
 
 

@@ -127,7 +127,9 @@ def test_padding_rows_never_win_over_negative_scores():
 
 def test_automatic_block_size_grows_with_the_library():
   sizes = [retriever_lib.auto_block_size(rows, 10, 384) for rows in (1000, 300_000, 3_000_000)]
-  assert sizes == sorted(sizes) and sizes[0] == 8 and sizes[-1] == 32
+  assert sizes == sorted(sizes)
+  assert sizes[0] == 8
+  assert sizes[-1] == 32
   queries, keys = _integer_data(3000, 5, 3, seed=2)
   retriever = retriever_lib.Retriever(keys, chunk_size=96)
   assert retriever.layout.chunk_size % retriever.block_for(10) == 0

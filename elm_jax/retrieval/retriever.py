@@ -113,8 +113,8 @@ def _search_rows(queries, keys, base, *, num_rows, k, block, layout, approximate
                       preferred_element_type=jnp.float32)
   rows = base + local_rows
   scores = jnp.where(rows < num_rows, scores, -jnp.inf)
-  # A device's share of a sharded library may be smaller than k; the merge across
-  # devices then still sees at least k rows.
+  # A device's share of a sharded library may be smaller than k. The merge across
+  # devices still receives at least k rows, because all devices together hold them.
   top, position = jax.lax.top_k(scores, min(k, scores.shape[1]))
   return top, jnp.take_along_axis(rows, position, axis=1)
 
@@ -172,7 +172,7 @@ class Retriever:
       raise ValueError(f"keys must be floating point, got {keys.dtype}.")
     if not np.isfinite(keys).all():
       bad = int(np.flatnonzero(~np.isfinite(keys).all(axis=1))[0])
-      raise ValueError(f"keys row {bad} holds NaN or infinity; re-embed that entry.")
+      raise ValueError(f"keys row {bad} contains NaN or infinity; re-embed that entry.")
     if chunk_size < 1 or (block_size is not None and not 0 < block_size <= chunk_size):
       raise ValueError(f"chunk_size must be positive and block_size in [1, chunk_size], "
                        f"got {chunk_size} and {block_size}.")
